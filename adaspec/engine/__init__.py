@@ -1,0 +1,1 @@
+"""Engine: sequences, KV slots, scheduler, model runner, sampling and the speculative step."""

@@ -1,0 +1,1 @@
+"""Speculation control: engine-agnostic policies (and, later, cost and acceptance models)."""
