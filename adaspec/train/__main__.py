@@ -1,4 +1,4 @@
-"""`python -m adaspec.train [all|prepare|target|draft|eval|export]`: resumable pair training."""
+"""`python -m adaspec.train [all|prepare|target|draft|eval|export|card]`: resumable pair training."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from adaspec.train import pair
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m adaspec.train", description=__doc__)
     ap.add_argument("phase", nargs="?", default="all",
-                    choices=["all", "prepare", "target", "draft", "eval", "export"])
+                    choices=["all", "prepare", "target", "draft", "eval", "export", "card"])
     ap.add_argument("--workdir", type=Path, default=Path("runs/pair"))
     ap.add_argument("--out", type=Path, default=pair.DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -42,6 +42,20 @@ def main(argv=None) -> None:
         print(json.dumps(res))
     if args.phase in ("all", "export"):
         pair.export(w, cfg, args.out)
+    if args.phase in ("all", "card"):
+        write_card(w, cfg, args.out, args.device)
+
+
+def write_card(workdir: Path, cfg: pair.PairConfig, out: Path, device: str) -> None:
+    """Measure the exported pair and write card.json + README.md (the model card) beside it."""
+    from adaspec.train import card
+
+    res = card.measure(out)
+    train = card.training_summary(workdir, cfg) if (workdir / "train.log").exists() else {}
+    valid = pair.evaluate(workdir, cfg, device=device) if (workdir / "target.pt").exists() else {}
+    (out / "card.json").write_text(json.dumps({"measured": res, "training": train, "validation": valid},
+                                              indent=1))
+    (out / "README.md").write_text(card.render(res, train, valid, cfg))
 
 
 if __name__ == "__main__":
