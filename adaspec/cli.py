@@ -10,7 +10,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds an engine; names follow vLLM's."""
     p.add_argument("--model", help="target model: local Hugging Face directory (default: embedded pair)")
     p.add_argument("--draft-model", help="draft model directory (same tokenizer as the target)")
-    p.add_argument("--policy", help="speculation policy: none, static:K (default: static:4 with a draft)")
+    p.add_argument("--policy", help="speculation policy: none, static:K, threshold, smartspec, adaspec, "
+                   "adaspec-drafter, adaspec-noslo (default: static:4 with a draft)")
     p.add_argument("--num-speculative-tokens", type=int, default=8, help="K, the most a step may draft")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int)
@@ -18,13 +19,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slo-tpot-ms", type=float,
+                   help="default TPOT SLO per request (ms); requests may override")
+    p.add_argument("--slo-ttft-ms", type=float, help="default TTFT SLO per request (ms)")
+    p.add_argument("--reprofile", action="store_true",
+                   help="measure step times anew instead of using the cached start-up profile")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(model=a.model, draft_model=a.draft_model, policy=a.policy,
                 num_speculative_tokens=a.num_speculative_tokens, max_num_seqs=a.max_num_seqs,
                 max_model_len=a.max_model_len, max_num_batched_tokens=a.max_num_batched_tokens,
-                device=a.device, dtype=a.dtype, seed=a.seed)
+                device=a.device, dtype=a.dtype, seed=a.seed, slo_tpot_ms=a.slo_tpot_ms,
+                slo_ttft_ms=a.slo_ttft_ms, reprofile=a.reprofile)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -71,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-prompts", type=int, default=8)
     d.add_argument("--max-tokens", type=int, default=96)
     d.set_defaults(fn=cmd_demo)
+
+    from adaspec.server.serve import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return ap
 
 

@@ -84,8 +84,11 @@ def build_engine(model: str | Path | None = None, draft_model: str | Path | None
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, device: str = "cpu", dtype=None,
                  seed: int = 0, slo_tpot_ms: float | None = None,
-                 slo_ttft_ms: float | None = None) -> LLMEngine:
-    """Load models and tokenizer and build an engine (shared by `LLM` and the server)."""
+                 slo_ttft_ms: float | None = None, reprofile: bool = False) -> LLMEngine:
+    """Load models and tokenizer and build an engine (shared by `LLM` and the server).
+
+    A policy that predicts step times (adaspec, smartspec) and has no cost model gets one from the
+    start-up profile of this model pair on this device (cached; `reprofile` measures anew)."""
     if model is None:
         if draft_model is not None:
             raise ValueError("draft_model given without model")
@@ -113,10 +116,15 @@ def build_engine(model: str | Path | None = None, draft_model: str | Path | None
                          f"max_position_embeddings={draft.config.max_position_embeddings}")
     slo = SLO(None if slo_tpot_ms is None else slo_tpot_ms / 1e3,
               None if slo_ttft_ms is None else slo_ttft_ms / 1e3)
-    return LLMEngine(target, draft, tokenizer, pol, num_speculative_tokens=num_speculative_tokens,
-                     max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                     max_num_batched_tokens=max_num_batched_tokens, dtype=dt, device=dev,
-                     default_slo=slo, seed=seed)
+    engine = LLMEngine(target, draft, tokenizer, pol, num_speculative_tokens=num_speculative_tokens,
+                       max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                       max_num_batched_tokens=max_num_batched_tokens, dtype=dt, device=dev,
+                       default_slo=slo, seed=seed)
+    if pol.needs_cost_model and pol.cost_model is None:
+        from adaspec.spec.profiler import profile_engine
+
+        pol.cost_model = profile_engine(engine, (str(model), str(draft_model)), reprofile)
+    return engine
 
 
 class LLM:

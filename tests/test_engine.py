@@ -215,11 +215,22 @@ def test_abort_frees_slot(tiny_pair):
     assert b.finish_reason == "length" and b.num_output_tokens == 5
 
 
-def test_telemetry_records_steps(tiny_pair):
+def test_telemetry_records_steps(tiny_pair, tmp_path):
+    import json
+
     spec = llm(tiny_pair, "static:3", k=3)
     spec.generate(PROMPTS[:4], greedy(10))
+    spec.engine.export_telemetry(tmp_path / "t.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len(lines) == len(spec.engine.telemetry) and lines[0]["kind"] == "prefill"
     recs = [r for r in spec.engine.telemetry if r.kind == "decode"]
     assert recs and all(len(r.drafted) == r.batch_size == len(r.accepted) for r in recs)
     assert all(a <= d <= 3 for r in recs for a, d in zip(r.accepted, r.drafted, strict=True))
     assert all(r.verify_time > 0 and r.step_time >= r.verify_time + r.draft_time for r in recs)
     assert all(r.draft_time > 0 for r in recs if sum(r.drafted))
+
+
+def test_half_precision_runs(tiny_pair):
+    for dtype in ("bfloat16", "float16"):
+        out = llm(tiny_pair, "static:3", dtype=dtype).generate(PROMPTS[:3], greedy(8))
+        assert all(len(o.token_ids) == 8 for o in out)

@@ -20,7 +20,7 @@ from adaspec.engine.runner import ModelRunner, Row
 from adaspec.engine.sampling import SamplingParams, probs_from_logits, sample, verify
 from adaspec.engine.scheduler import Scheduler
 from adaspec.engine.sequence import SLO, Sequence
-from adaspec.spec.policy import BatchView, Policy, RequestView, StepOutcome
+from adaspec.spec.policy import BatchView, Policy, RequestView, StepOutcome, WaitingView
 
 
 @dataclass
@@ -163,7 +163,8 @@ class LLMEngine:
     def _decode_step(self, seqs: list[Sequence]) -> list[Sequence]:
         start = time.perf_counter()
         views = [self._view(s) for s in seqs]
-        batch = BatchView(views, self.K, self.num_waiting, start, self.max_num_batched_tokens)
+        batch = BatchView(views, self.K, self.num_waiting, start, self.max_num_batched_tokens,
+                          [WaitingView(start - w.arrival_time, w.slo.ttft) for w in self.scheduler.waiting])
 
         # 1. Plan: per-request draft budgets, clipped to the hard limits.
         planned = self._fit_budget([max(0, min(int(k), v.max_draft))
@@ -186,16 +187,26 @@ class LLMEngine:
             logits = self.draft.run(rows)
             draft_steps += 1
             draft_time += self.draft.last_time
-            probs = probs_from_logits(logits, [seqs[i].params for i in idx])
-            raw = torch.softmax(logits, dim=-1)
+            # Confidence = the draft's own probability of its token (untempered when greedy).
+            greedy_toks = logits.argmax(-1)
+            greedy_conf = torch.softmax(logits, -1).gather(1, greedy_toks[:, None]).squeeze(1)
+            greedy_toks, greedy_conf = greedy_toks.tolist(), greedy_conf.tolist()
+            sampled = [r for r, i in enumerate(idx) if not seqs[i].params.greedy]
+            if sampled:
+                probs = probs_from_logits(logits[sampled], [seqs[idx[r]].params for r in sampled])
+                row_of = {r: j for j, r in enumerate(sampled)}
             for r, i in enumerate(idx):
                 s = seqs[i]
                 s.draft_len = rows[r].start + len(rows[r].tokens)
-                tok = int(probs[r].argmax()) if s.params.greedy else sample(probs[r], self._gen(s))
+                if s.params.greedy:
+                    tok, conf = greedy_toks[r], greedy_conf[r]
+                else:  # q (the processed draft distribution) is kept for rejection sampling
+                    q = probs[row_of[r]]
+                    tok = sample(q, self._gen(s))
+                    conf = float(q[tok])
+                    qs[i].append(q)
                 drafts[i].append(tok)
-                qs[i].append(probs[r])
-                # Confidence = the draft's own probability of its token (untempered when greedy).
-                views[i].confidences.append(float((raw if s.params.greedy else probs)[r, tok]))
+                views[i].confidences.append(conf)
                 active[i] = len(drafts[i]) < planned[i]
             keep = self.policy.keep_drafting(batch, list(active))
             active = [a and bool(k) for a, k in zip(active, keep, strict=True)]
@@ -211,12 +222,13 @@ class LLMEngine:
 
         # 5. Accept a prefix plus one token per request; roll both caches back to it.
         accepted, offset = [], 0
+        argmax = logits.argmax(-1).tolist()
         for i, s in enumerate(seqs):
             n, d = lengths[i], drafts[i][:lengths[i]]
             lg = logits[offset:offset + n + 1]
+            target_tokens = argmax[offset:offset + n + 1]
             offset += n + 1
             if s.params.greedy:
-                target_tokens = lg.argmax(-1).tolist()
                 a = 0
                 while a < n and d[a] == target_tokens[a]:
                     a += 1
@@ -254,7 +266,8 @@ class LLMEngine:
             s.request_id, context, s.num_output_tokens, max(0, cap), context - s.draft_len,
             temperature=s.params.temperature, tpot_slo=s.slo.tpot, ttft_slo=s.slo.ttft,
             since_first_token=None if s.first_token_time is None else now - s.first_token_time,
-            drafted_total=s.stats.drafted, accepted_total=s.stats.accepted)
+            drafted_total=s.stats.drafted, accepted_total=s.stats.accepted,
+            remaining_tokens=s.params.max_tokens - s.num_output_tokens)
 
     def _fit_budget(self, planned: list[int]) -> list[int]:
         """Trim the longest drafts until sum(k_i + 1) fits the step's token budget."""

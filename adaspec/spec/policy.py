@@ -32,6 +32,15 @@ class RequestView:
     since_first_token: float | None = None  # seconds since this request's first token
     drafted_total: int = 0  # request history: tokens drafted and accepted on earlier steps
     accepted_total: int = 0
+    remaining_tokens: int | None = None  # output tokens left before max_tokens (None: unknown)
+
+
+@dataclass
+class WaitingView:
+    """A queued request: how long it has waited (seconds) and its TTFT SLO, if any."""
+
+    waited: float
+    ttft_slo: float | None = None
 
 
 @dataclass
@@ -41,6 +50,7 @@ class BatchView:
     num_waiting: int = 0
     now: float = 0.0
     max_batched_tokens: int | None = None  # cap on sum(k_i + 1) verified this step
+    waiting: list[WaitingView] = field(default_factory=list)  # queued requests, in admission order
 
 
 @dataclass
@@ -58,11 +68,23 @@ class StepOutcome:
     step_time: float  # wall time of the whole step, overheads included
 
 
+def fit_limits(batch: BatchView, lengths: list[int]) -> list[int]:
+    """Clip draft budgets to each request's cap, then trim the longest until sum(k_i + 1) fits the
+    step's token budget: the same rule the engine applies, so a policy can record what will run."""
+    out = [max(0, min(int(k), r.max_draft)) for k, r in zip(lengths, batch.requests, strict=True)]
+    budget = batch.max_batched_tokens
+    while budget is not None and out and sum(out) + len(out) > budget and max(out) > 0:
+        out[out.index(max(out))] -= 1
+    return out
+
+
 class Policy:
     """Base class: no speculation. Subclasses override what they decide."""
 
     name = "none"
     uses_draft = False  # False: the engine need not keep a draft model's cache at all
+    needs_cost_model = False  # True: `cost_model` must be set (build_engine profiles one)
+    cost_model = None
 
     def plan(self, batch: BatchView) -> list[int]:
         return [0] * len(batch.requests)
@@ -105,11 +127,15 @@ class StaticK(Policy):
         return {"name": self.name, "k": self.k}
 
 
-POLICY_NAMES = ["none", "static:K"]
+POLICY_NAMES = ["none", "static:K", "threshold", "smartspec", "adaspec", "adaspec-drafter",
+                "adaspec-noslo"]
 
 
-def make_policy(spec: str | Policy, num_speculative_tokens: int) -> Policy:
-    """Build a policy from its name as used by the API and the CLI ('none', 'static', 'static:3')."""
+def make_policy(spec: str | Policy, num_speculative_tokens: int, cost_model=None) -> Policy:
+    """Build a policy from its name as used by the API and the CLI ('none', 'static:3', 'adaspec').
+
+    Policies that predict step times take `cost_model` (a `CostModel`); when it is None the caller
+    (`build_engine`) sets `policy.cost_model` from a start-up profile."""
     if isinstance(spec, Policy):
         return spec
     if not isinstance(spec, str):
@@ -125,4 +151,19 @@ def make_policy(spec: str | Policy, num_speculative_tokens: int) -> Policy:
         if k > num_speculative_tokens:
             raise ValueError(f"policy {spec!r}: k exceeds num_speculative_tokens={num_speculative_tokens}")
         return StaticK(k)
+    if name == "threshold":
+        from adaspec.spec.baselines import ThresholdPolicy
+
+        try:
+            return ThresholdPolicy(float(arg) if arg else 0.6, cost_model=cost_model)
+        except ValueError:
+            raise ValueError(f"policy 'threshold[:P]' needs P in (0, 1), got {spec!r}") from None
+    if name == "smartspec" and not arg:
+        from adaspec.spec.baselines import SmartSpecPolicy
+
+        return SmartSpecPolicy(cost_model)
+    if name in ("adaspec", "adaspec-drafter", "adaspec-noslo") and not arg:
+        from adaspec.spec.adaspec_policy import AdaSpecPolicy
+
+        return AdaSpecPolicy.variant(name, cost_model)
     raise ValueError(f"unknown policy {spec!r}; known: {', '.join(POLICY_NAMES)}")

@@ -1,0 +1,243 @@
+"""Acceptance model: P(a drafted token is accepted | draft probability, position, request history).
+
+Probabilities here are *conditional*: the chance that drafted position j is accepted given that
+positions before it were (acceptance is a prefix), so the chance that a step keeps j+1 drafted
+tokens is the product of the first j+1 of them. Verification reveals each position up to and
+including the first rejection; later positions are never tested and are not learned from.
+
+Three parts, each simple enough to trust:
+1. Calibration of the draft's own probability q: acceptance counts in equal-width bins of q, each
+   starting from a prior that believes q itself, made monotone in q by pooling adjacent violators,
+   and interpolated between bin centres.
+2. Position and request adjustments, in odds: for each position, and for each running request,
+   (accepted + m) / (expected + m), where "expected" sums the calibrated predictions that were
+   tested. A request that keeps getting rejected sees its odds shrink, and keeps being expected to.
+3. For a token not drafted yet (look-ahead), the request's own acceptance rate, shrunk towards the
+   global rate at that position (prior 0.6, as in the paper's reference).
+
+`CalibrationScore` measures it: expected calibration error and Brier score, scored prequentially
+(each prediction before its outcome is learned), for our estimate and for the raw q.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EPS = 1e-3
+
+
+def _odds(p: float) -> float:
+    p = min(1 - EPS, max(EPS, p))
+    return p / (1 - p)
+
+
+def _prob(odds: float) -> float:
+    return min(1 - EPS, max(EPS, odds / (1 + odds)))
+
+
+def pool_adjacent_violators(values: list[float], weights: list[float]) -> list[float]:
+    """Weighted isotonic (non-decreasing) fit of `values`."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values, weights, strict=True):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return [b[0] for b in blocks for _ in range(b[2])]
+
+
+@dataclass
+class _Ratio:
+    """Observed over expected acceptances, with `prior` pseudo-observations of ratio 1."""
+
+    accepted: float = 0.0
+    expected: float = 0.0
+
+    def factor(self, prior: float) -> float:
+        return (self.accepted + prior) / (self.expected + prior)
+
+
+@dataclass
+class _Rate:
+    accepted: float = 0.0
+    tested: float = 0.0
+
+
+class AcceptanceModel:
+    def __init__(self, bins: int = 10, calibration_prior: float = 10.0, position_prior: float = 20.0,
+                 request_prior: float = 4.0, unseen_prior: float = 0.6, unseen_prior_weight: float = 4.0,
+                 max_position: int = 16):
+        self.bins = bins
+        self.calibration_prior = calibration_prior
+        self.position_prior = position_prior
+        self.request_prior = request_prior
+        self.unseen_prior = unseen_prior
+        self.unseen_prior_weight = unseen_prior_weight
+        self.max_position = max_position
+        self.reset()
+
+    def reset(self) -> None:
+        self.bin_accepted = np.zeros(self.bins)
+        self.bin_tested = np.zeros(self.bins)
+        self._curve: np.ndarray | None = None
+        self.positions = [_Ratio() for _ in range(self.max_position)]
+        self.position_rates = [_Rate() for _ in range(self.max_position)]
+        self.requests: dict[str, _Ratio] = {}
+        self.request_rates: dict[str, _Rate] = {}
+        self.ours = CalibrationScore()
+        self.raw = CalibrationScore()
+
+    # ------------------------------------------------------------------------------ predictions
+
+    def calibrated(self, q: float) -> float:
+        """Global monotone map from draft probability to acceptance probability."""
+        if self._curve is None:
+            centres = (np.arange(self.bins) + 0.5) / self.bins
+            prior = self.calibration_prior
+            rates = (self.bin_accepted + prior * centres) / (self.bin_tested + prior)
+            self._curve = np.asarray(pool_adjacent_violators(list(rates), list(self.bin_tested + prior)))
+        centres = (np.arange(self.bins) + 0.5) / self.bins
+        return float(np.interp(q, centres, self._curve))
+
+    def _pos(self, position: int) -> int:
+        return min(position, self.max_position - 1)
+
+    def predict(self, request_id: str, q: float, position: int) -> float:
+        """Conditional acceptance of a drafted token with draft probability q at `position` (0-based)."""
+        odds = _odds(self.calibrated(q)) * self.positions[self._pos(position)].factor(self.position_prior)
+        if request_id in self.requests:
+            odds *= self.requests[request_id].factor(self.request_prior)
+        return _prob(odds)
+
+    def predict_unseen(self, request_id: str, position: int) -> float:
+        """Conditional acceptance of a token not drafted yet (used to look ahead)."""
+        g = self.position_rates[self._pos(position)]
+        w = self.unseen_prior_weight
+        global_rate = (g.accepted + w * self.unseen_prior) / (g.tested + w)
+        r = self.request_rates.get(request_id)
+        if r is None:
+            return _prob(_odds(global_rate))
+        return _prob(_odds((r.accepted + w * global_rate) / (r.tested + w)))
+
+    # ------------------------------------------------------------------------------ learning
+
+    def observe(self, request_id: str, confidences: list[float], accepted: int) -> None:
+        """Learn from one request's verification: `accepted` of the verified `confidences` (a prefix)."""
+        preds = [self.predict(request_id, q, j) for j, q in enumerate(confidences)]
+        req = self.requests.setdefault(request_id, _Ratio())
+        rate = self.request_rates.setdefault(request_id, _Rate())
+        for j in range(min(accepted + 1, len(confidences))):  # tested positions
+            ok = float(j < accepted)
+            q = confidences[j]
+            self.ours.add(preds[j], ok)
+            self.raw.add(q, ok)
+            b = min(int(q * self.bins), self.bins - 1)
+            self.bin_accepted[b] += ok
+            self.bin_tested[b] += 1
+            cal = self.calibrated(q)
+            pos = self.positions[self._pos(j)]
+            pos.accepted += ok
+            pos.expected += cal
+            req.accepted += ok
+            req.expected += cal
+            rate.accepted += ok
+            rate.tested += 1
+            prate = self.position_rates[self._pos(j)]
+            prate.accepted += ok
+            prate.tested += 1
+        self._curve = None
+
+    def forget_except(self, request_ids: Iterable[str]) -> None:
+        """Drop history of requests no longer running (bounded memory)."""
+        keep = set(request_ids)
+        for d in (self.requests, self.request_rates):
+            for rid in [r for r in d if r not in keep]:
+                del d[rid]
+
+    def report(self) -> dict:
+        return {"ours": self.ours.report(), "raw_draft_probability": self.raw.report(),
+                "curve": [round(float(v), 4) for v in (self._curve if self._curve is not None else [])]}
+
+
+@dataclass
+class CalibrationScore:
+    """Running expected calibration error (equal-width bins) and Brier score."""
+
+    bins: int = 10
+    count: np.ndarray = field(default_factory=lambda: np.zeros(10))
+    sum_pred: np.ndarray = field(default_factory=lambda: np.zeros(10))
+    sum_outcome: np.ndarray = field(default_factory=lambda: np.zeros(10))
+    sq_error: float = 0.0
+
+    def add(self, p: float, outcome: float) -> None:
+        b = min(int(p * self.bins), self.bins - 1)
+        self.count[b] += 1
+        self.sum_pred[b] += p
+        self.sum_outcome[b] += outcome
+        self.sq_error += (p - outcome) ** 2
+
+    @property
+    def n(self) -> int:
+        return int(self.count.sum())
+
+    def ece(self) -> float:
+        n = self.count.sum()
+        if not n:
+            return float("nan")
+        return float(np.sum(np.abs(self.sum_pred - self.sum_outcome)) / n)
+
+    def brier(self) -> float:
+        return self.sq_error / self.n if self.n else float("nan")
+
+    def report(self) -> dict:
+        return {"n": self.n, "ece": self.ece(), "brier": self.brier()}
+
+
+def measure_calibration(steps: Iterable, model: AcceptanceModel | None = None) -> dict:
+    """Replay verification outcomes through a fresh acceptance model and score it against the raw
+    draft probability. `steps`: objects with `request_ids`, `confidences` (verified tokens' draft
+    probabilities per request) and `accepted` (StepOutcome, or `outcomes_from_telemetry` output)."""
+    model = model or AcceptanceModel()
+    for s in steps:
+        for rid, conf, acc in zip(s.request_ids, s.confidences, s.accepted, strict=True):
+            model.observe(rid, list(conf), int(acc))
+    return model.report()
+
+
+@dataclass
+class _TelemetryStep:
+    request_ids: list[str]
+    confidences: list[list[float]]
+    accepted: list[int]
+
+
+def outcomes_from_telemetry(records: Iterable) -> list[_TelemetryStep]:
+    """Decode-step outcomes from engine `StepRecord`s, with request identities recovered.
+
+    Records without `request_ids` are chained: the engine keeps running requests in order, and a
+    request whose context was c and accepted a tokens has context c + a + 1 at its next step."""
+    out: list[_TelemetryStep] = []
+    prev: list[tuple[str, int]] = []  # (id, expected next context)
+    fresh = 0
+    for rec in records:
+        if rec.kind != "decode":
+            continue
+        ids = getattr(rec, "request_ids", None)
+        if ids is None:
+            ids, p = [], 0
+            for ctx in rec.context_lens:
+                while p < len(prev) and prev[p][1] != ctx:
+                    p += 1  # that request finished
+                if p < len(prev):
+                    ids.append(prev[p][0])
+                    p += 1
+                else:
+                    ids.append(f"t{fresh}")
+                    fresh += 1
+        prev = [(rid, c + a + 1) for rid, c, a in zip(ids, rec.context_lens, rec.accepted, strict=True)]
+        out.append(_TelemetryStep(list(ids), [list(c) for c in rec.confidences], list(rec.accepted)))
+    return out

@@ -1,0 +1,84 @@
+"""Shared bookkeeping of the policies that learn: step shape, online model updates, decision log.
+
+A `ControlledPolicy` keeps the `BatchView` it planned on (the engine hands the same object to every
+call of a step and appends draft confidences to it), so at `observe` it knows exactly which draft
+and verify forwards ran. It then corrects the cost model with the measured times, teaches the
+acceptance model the verification results, and closes the step's decision record.
+"""
+
+from __future__ import annotations
+
+from adaspec.spec.acceptance import AcceptanceModel
+from adaspec.spec.cost_model import CostModel, StepShape
+from adaspec.spec.decisions import DecisionLog
+from adaspec.spec.policy import BatchView, Policy, StepOutcome
+
+
+class ControlledPolicy(Policy):
+    uses_draft = True
+
+    def __init__(self, cost_model: CostModel | None = None, acceptance: AcceptanceModel | None = None,
+                 log_size: int = 20_000):
+        self.cost_model = cost_model
+        self.acceptance = acceptance or AcceptanceModel()
+        self.log = DecisionLog(log_size)
+        self._batch: BatchView | None = None
+
+    @property
+    def costs(self) -> CostModel:
+        if self.cost_model is None:
+            raise RuntimeError(f"policy {self.name!r} needs a cost model: build it with build_engine "
+                               "(which profiles one) or pass cost_model=CostModel.load(path)")
+        return self.cost_model
+
+    def begin(self, batch: BatchView) -> None:
+        """Call first in `plan`: remember the batch, drop finished requests' history, open a record."""
+        self._batch = batch
+        self.acceptance.forget_except(r.request_id for r in batch.requests)
+        self.log.begin(self.name, batch)
+
+    @staticmethod
+    def shape(batch: BatchView, verified: list[int] | None = None) -> StepShape:
+        """The step's shape from the batch as drafted so far (verified defaults to all drafted)."""
+        drafted = [len(r.confidences) for r in batch.requests]
+        return StepShape([r.context_len for r in batch.requests], [r.draft_lag for r in batch.requests],
+                         drafted, drafted if verified is None else list(verified))
+
+    def expected_tokens(self, batch: BatchView, verified: list[int]) -> float:
+        """Expected tokens emitted when each request verifies its first `verified` drafts."""
+        total = 0.0
+        for r, n in zip(batch.requests, verified, strict=True):
+            prefix = 1.0
+            total += 1
+            for j, q in enumerate(r.confidences[:n]):
+                prefix *= self.acceptance.predict(r.request_id, q, j)
+                total += prefix
+        return total
+
+    def observe(self, outcome: StepOutcome) -> None:
+        batch, self._batch = self._batch, None
+        predicted = None
+        if batch is not None and [r.request_id for r in batch.requests] == list(outcome.request_ids):
+            shape = self.shape(batch, outcome.drafted)
+            predicted = {"tokens": round(self.expected_tokens(batch, outcome.drafted), 4)}
+            if self.cost_model is not None:
+                t = self.cost_model.predict(shape)
+                predicted.update(draft=t.draft, verify=t.verify, overhead=t.overhead, step_time=t.total)
+                self.cost_model.observe(shape, outcome.draft_time, outcome.verify_time, outcome.step_time)
+        for rid, conf, acc in zip(outcome.request_ids, outcome.confidences, outcome.accepted, strict=True):
+            self.acceptance.observe(rid, list(conf), int(acc))
+        self.log.finish(outcome, predicted)
+
+    def reset(self) -> None:
+        self.acceptance.reset()
+        if self.cost_model is not None:
+            self.cost_model.reset()
+        self.log.clear()
+        self._batch = None
+
+    def describe(self) -> dict:
+        d = {"name": self.name}
+        if self.cost_model is not None:
+            d["cost_model"] = self.cost_model.error_report()
+        d["acceptance"] = self.acceptance.report()
+        return d

@@ -1,0 +1,252 @@
+"""Step-time model: how long a draft forward, a verification forward and a whole step take.
+
+Each forward's time is fitted from start-up measurements (see `profiler.py`) as a non-negative
+combination of physically meaningful terms, so it is smooth, monotone in every input and
+extrapolates linearly past the profiled range instead of falling off a table's edge:
+
+    t(B, T, L) = c0 + c1*B + c2*N + c3*max(0, N - knee) + c4*B*L + c5*N*L,   N = B*T
+
+c0: launch/framework overhead; B: per-row work; N: tokens through the linear layers (the knee lets
+a GPU stay flat while memory-bound, then grow); B*L: reading each row's KV cache; N*L: attention
+scores. Online, measured step times scale the fitted curves (an EWMA of measured/predicted per
+component), so the model follows drift: a busy CPU, thermal throttling, a new context mix.
+
+A `CostModel` is a plain object (no engine, no torch): a simulator or another engine can load one
+from a JSON profile and ask it the same questions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FEATURES = ("const", "rows", "tokens", "tokens_over_knee", "rows_x_context", "tokens_x_context")
+
+
+def _features(batch, tokens_per_seq, context, knee: float):
+    b = np.asarray(batch, dtype=float)
+    n = b * np.asarray(tokens_per_seq, dtype=float)
+    ctx = np.asarray(context, dtype=float)
+    over = np.maximum(n - knee, 0.0) if knee > 0 else np.zeros_like(n)
+    return [np.ones_like(n), b, n, over, b * ctx, n * ctx]
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Exact non-negative least squares for a handful of features: the best subset whose
+    unconstrained solution is non-negative (2^6 small solves, simpler than an active-set loop)."""
+    best, best_err = np.zeros(x.shape[1]), float(np.sum(y * y))
+    for size in range(1, x.shape[1] + 1):
+        for cols in itertools.combinations(range(x.shape[1]), size):
+            c, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if np.all(c >= 0):
+                err = float(np.sum((x[:, cols] @ c - y) ** 2))
+                if err < best_err:
+                    best_err, best = err, np.zeros(x.shape[1])
+                    best[list(cols)] = c
+    return best, best_err
+
+
+@dataclass
+class ForwardTimeModel:
+    """Seconds for one batched forward of `batch` rows, `tokens_per_seq` tokens each (padded),
+    attending over `context` positions."""
+
+    coef: list[float]
+    knee: float = 0.0
+
+    def predict(self, batch, tokens_per_seq, context):
+        """Works on scalars and on numpy arrays (planning evaluates many candidates at once)."""
+        f = _features(batch, tokens_per_seq, context, self.knee)
+        t = sum(c * v for c, v in zip(self.coef, f, strict=True))
+        t = np.where(np.asarray(batch) > 0, t, 0.0)  # an empty forward does not run
+        return float(t) if t.ndim == 0 else t
+
+    @classmethod
+    def fit(cls, samples: list[tuple[int, int, int, float]]) -> ForwardTimeModel:
+        """Fit to (batch, tokens_per_seq, context, seconds) samples, minimising relative error."""
+        if len(samples) < 2:
+            raise ValueError("need at least two timing samples to fit a forward-time model")
+        arr = np.asarray(samples, dtype=float)
+        b, tps, ctx, y = arr.T
+        w = 1.0 / np.maximum(y, 1e-9)
+        n = b * tps
+        best = None
+        for knee in [0.0, *sorted(set(np.quantile(n, [0.25, 0.5, 0.75]).round()))]:
+            x = np.stack(_features(b, tps, ctx, knee), axis=1) * w[:, None]
+            coef, err = _nnls(x, y * w)
+            if best is None or err < best[0] - 1e-12:
+                best = (err, coef, knee)
+        _, coef, knee = best
+        return cls([float(c) for c in coef], float(knee))
+
+    def to_dict(self) -> dict:
+        return {"features": list(FEATURES), "coef": self.coef, "knee": self.knee}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ForwardTimeModel:
+        return cls([float(c) for c in d["coef"]], float(d.get("knee", 0.0)))
+
+
+@dataclass
+class StepShape:
+    """What a decode step runs, per request: context length, draft lag (tokens the draft must catch
+    up on in its first forward), tokens drafted, tokens verified (a prefix of the drafted)."""
+
+    contexts: list[int]
+    lags: list[int]
+    drafted: list[int]
+    verified: list[int]
+
+
+@dataclass
+class StepTime:
+    draft: float
+    verify: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.draft + self.verify + self.overhead
+
+
+class _Scale:
+    """Online multiplicative correction: EWMA of log(measured / predicted), clamped."""
+
+    def __init__(self, rate: float = 0.1):
+        self.rate, self.log = rate, 0.0
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.log)
+
+    def update(self, measured: float, predicted: float) -> None:
+        if measured > 0 and predicted > 0:
+            target = math.log(measured / predicted)
+            self.log = min(math.log(5), max(math.log(0.2), self.log + self.rate * (target - self.log)))
+
+
+class CostModel:
+    """Predicts draft, verification and per-step overhead times; corrected online.
+
+    `padded`: our runner pads a batch to its longest row and attends over the longest context, so
+    a forward costs (batch, max tokens, max context). An engine that packs tokens (vLLM) costs by
+    the mean instead; set padded=False for it."""
+
+    def __init__(self, draft: ForwardTimeModel, verify: ForwardTimeModel, overhead_per_row: float = 0.0,
+                 padded: bool = True, meta: dict | None = None, correction_rate: float = 0.1):
+        self.draft, self.verify = draft, verify
+        self.padded = padded
+        self.meta = dict(meta or {})
+        self.base_overhead_per_row = overhead_per_row
+        self.correction_rate = correction_rate
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget online corrections (keep the profile)."""
+        self.draft_scale = _Scale(self.correction_rate)
+        self.verify_scale = _Scale(self.correction_rate)
+        self.overhead_per_row = self.base_overhead_per_row
+        self._errors: deque[tuple[float, float, float]] = deque(maxlen=5000)  # (measured, ours, base)
+
+    # ------------------------------------------------------------------------------ predictions
+
+    def predict_draft(self, batch_size, tokens_per_seq, context_len):
+        return self.draft.predict(batch_size, tokens_per_seq, context_len) * self.draft_scale.value
+
+    def predict_verify(self, batch_size, tokens_per_seq, context_len):
+        return self.verify.predict(batch_size, tokens_per_seq, context_len) * self.verify_scale.value
+
+    def predict_overhead(self, batch_size, drafted_tokens):
+        """Engine work outside the forwards (sampling, acceptance, bookkeeping): per row handled."""
+        return self.overhead_per_row * (1 + np.asarray(batch_size) + np.asarray(drafted_tokens))
+
+    def _pick(self, values: list[int]) -> float:
+        return max(values) if self.padded else sum(values) / len(values)
+
+    def draft_forwards(self, shape: StepShape) -> list[tuple[int, float, float]]:
+        """(batch, tokens per row, context) of each draft forward the shape implies."""
+        out = []
+        for j in range(max(shape.drafted, default=0)):
+            rows = [i for i, d in enumerate(shape.drafted) if d > j]
+            width = self._pick([shape.lags[i] for i in rows]) if j == 0 else 1
+            out.append((len(rows), width, self._pick([shape.contexts[i] for i in rows]) + j))
+        return out
+
+    def verify_forward(self, shape: StepShape) -> tuple[int, float, float]:
+        widths = [n + 1 for n in shape.verified]
+        return len(widths), self._pick(widths), self._pick(
+            [c + n for c, n in zip(shape.contexts, shape.verified, strict=True)])
+
+    def predict(self, shape: StepShape, corrected: bool = True) -> StepTime:
+        draft = sum(self.draft.predict(*f) for f in self.draft_forwards(shape))
+        verify = self.verify.predict(*self.verify_forward(shape))
+        per_row = self.overhead_per_row if corrected else self.base_overhead_per_row
+        overhead = per_row * (1 + len(shape.contexts) + sum(shape.drafted))
+        if corrected:
+            draft, verify = draft * self.draft_scale.value, verify * self.verify_scale.value
+        return StepTime(float(draft), float(verify), float(overhead))
+
+    # ------------------------------------------------------------------------------ online fit
+
+    def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float) -> None:
+        """Learn from one measured step (the prediction error is recorded first, prequentially)."""
+        ours, base = self.predict(shape), self.predict(shape, corrected=False)
+        self._errors.append((step_time, ours.total, base.total))
+        if ours.draft > 0 and draft_time > 0:
+            self.draft_scale.update(draft_time, ours.draft / self.draft_scale.value)
+        self.verify_scale.update(verify_time, ours.verify / self.verify_scale.value)
+        rows = 1 + len(shape.contexts) + sum(shape.drafted)
+        measured = max(0.0, step_time - draft_time - verify_time) / rows
+        self.overhead_per_row += self.correction_rate * (measured - self.overhead_per_row)
+
+    def error_report(self) -> dict:
+        """Predicted vs measured step time so far: mean absolute and signed relative error, online
+        (ours) and for the start-up profile alone (uncorrected)."""
+        if not self._errors:
+            return {"steps": 0}
+        m, ours, base = (np.asarray(v) for v in zip(*self._errors, strict=True))
+        rel, rel_base = (ours - m) / m, (base - m) / m
+        return {"steps": len(m), "mape": float(np.mean(np.abs(rel))),
+                "median_ape": float(np.median(np.abs(rel))), "bias": float(np.mean(rel)),
+                "mape_uncorrected": float(np.mean(np.abs(rel_base))),
+                "bias_uncorrected": float(np.mean(rel_base)),
+                "draft_scale": self.draft_scale.value, "verify_scale": self.verify_scale.value,
+                "overhead_per_row_s": self.overhead_per_row}
+
+    # ------------------------------------------------------------------------------ persistence
+
+    def to_dict(self) -> dict:
+        return {"draft": self.draft.to_dict(), "verify": self.verify.to_dict(),
+                "overhead_per_row": self.base_overhead_per_row, "padded": self.padded, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        return cls(ForwardTimeModel.from_dict(d["draft"]), ForwardTimeModel.from_dict(d["verify"]),
+                   float(d.get("overhead_per_row", 0.0)), bool(d.get("padded", True)), d.get("meta"))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)  # atomic: a concurrent reader never sees half a profile
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def linear(cls, draft_step: float, verify_step: float, verify_per_token: float = 0.0,
+               draft_per_row: float = 0.0, verify_per_row: float = 0.0, overhead_per_row: float = 0.0,
+               padded: bool = True) -> CostModel:
+        """A synthetic model for tests and simulations: fixed per-forward costs plus per-row and
+        per-token terms, no context dependence."""
+        draft = ForwardTimeModel([draft_step, draft_per_row, 0.0, 0.0, 0.0, 0.0])
+        verify = ForwardTimeModel([verify_step, verify_per_row, verify_per_token, 0.0, 0.0, 0.0])
+        return cls(draft, verify, overhead_per_row, padded, {"synthetic": True})
