@@ -143,7 +143,7 @@ def metric(text: str, name: str) -> float:
 
 def test_metrics_count_requests_and_speculation(live, client):
     before = httpx.get(live[0] + "/metrics").text
-    client.completions.create(model="tiny", prompt="print(", **greedy(ignore_eos=True),
+    client.completions.create(model="tiny", prompt="print(", **greedy(),
                               extra_body={"ignore_eos": True, "slo": {"tpot_ms": 1e5}})
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=10_000)
@@ -160,7 +160,8 @@ def test_metrics_count_requests_and_speculation(live, client):
     assert metric(after, 'adaspec:spec_decode_num_accepted_tokens_per_pos_total{position="0"}') <= drafted
     assert metric(after, "adaspec:spec_decode_draft_length_count") > 0
     assert 0 < metric(after, "adaspec:slo_attainment") <= 1
-    assert metric(after, "adaspec:kv_cache_usage_perc") == 0 and metric(after, "adaspec:num_requests_running") == 0
+    assert metric(after, "adaspec:kv_cache_usage_perc") == 0
+    assert metric(after, "adaspec:num_requests_running") == 0
     # The static policy has no cost model: the gauge is absent rather than a made-up number.
     assert "adaspec:cost_model_prediction_error" not in after
 
@@ -169,7 +170,7 @@ def test_cost_model_error_gauge_reads_policy():
     from adaspec.server.metrics import cost_model_stats
 
     class CM:
-        def error_stats(self):
+        def error_report(self):
             return {"mape": 0.12, "n": 40, "label": "x"}
 
     class Pol:
@@ -177,6 +178,32 @@ def test_cost_model_error_gauge_reads_policy():
 
     assert cost_model_stats(Pol()) == {"mape": 0.12, "n": 40.0}
     assert cost_model_stats(object()) is None
+
+
+def test_adaspec_policy_serves_and_reports_cost_model_error(tiny_pair):
+    """The real adaptive policy behind the server (a synthetic cost model skips start-up profiling):
+    requests succeed and the cost model's prediction error shows up in /metrics."""
+    from adaspec.spec.cost_model import CostModel
+    from adaspec.spec.policy import make_policy
+
+    policy = make_policy("adaspec", 4, cost_model=CostModel.linear(0.001, 0.002, correction_rate=0.1))
+    app = create_app(tiny_engine(tiny_pair, policy=policy, slo_tpot_ms=50.0), "tiny")
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for p in PROMPTS[:3]:
+            r = c.completions.create(model="tiny", prompt=p, **greedy(), extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 12 and r.model_extra["slo"]["tpot_ms"] == 50
+
+        def mape():
+            text = httpx.get(url + "/metrics").text
+            name = 'adaspec:cost_model_prediction_error{stat="mape"}'
+            return metric(text, name) if name + " " in text else None
+
+        deadline = time.monotonic() + 10
+        while mape() is None:  # the engine thread refreshes it at most every 0.5 s
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert mape() >= 0
 
 
 def test_openapi_schema_is_the_real_contract(live):

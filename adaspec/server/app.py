@@ -5,7 +5,7 @@
 
 With kwargs the model loads on a worker thread after the server starts, so `/health` answers 503
 ("loading") until it is ready. Every error is an OpenAI error object; only a fault of the server
-or the engine is a 5xx.
+or the engine is a 5xx (a body over 16 MiB gets FastAPI's plain-text 413).
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ from adaspec.server.protocol import (
 )
 
 log = logging.getLogger("adaspec.server")
-STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error"}
+MAX_BODY = 16 << 20  # bytes, far above any prompt that fits; FastAPI answers 413 (plain text) past it
 
 
 class APIError(Exception):
@@ -58,8 +57,7 @@ class APIError(Exception):
 
 
 def error_json(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
-    err = {"message": message, "type": STATUS_TYPES.get(status, "server_error" if status >= 500
-                                                          else "invalid_request_error"),
+    err = {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
            "param": param, "code": code}
     return JSONResponse({"error": err}, status_code=status, headers=headers)
 
@@ -114,7 +112,8 @@ class ServerState:
         if self.draining or self.closed:
             raise APIError(503, "the server is shutting down", outcome="unavailable")
         if self.engine is None or not self.engine.alive:
-            msg = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+            msg = (f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+                   if self.engine is None else "the engine has stopped")
             raise APIError(503, msg, outcome="unavailable", headers={"Retry-After": "5"})
 
     def resolve_model(self, name: str | None) -> str:
@@ -133,17 +132,17 @@ class ServerState:
 
 
 class APIKeyMiddleware:
-    """Bearer-key check on /v1 before anything else (a bad body from a stranger is still a 401)."""
+    """The bearer key on /v1, checked before the body is parsed (a bad body from a stranger is a 401)."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
-        key = self.state.api_key
-        if key and scope["type"] == "http" and scope["path"].startswith("/v1"):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = dict(scope["headers"])
+            key = self.state.api_key
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if key and (scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode())):
                 self.state.metrics.rejected("auth")
                 resp = error_json(401, "Incorrect or missing API key (Authorization: Bearer KEY)",
                                   None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
@@ -194,7 +193,7 @@ def create_app(engine: LLMEngine | dict | None = None, served_model_names: list[
         finally:
             await st.close()
 
-    app = FastAPI(title="adaspec", version=adaspec.__version__, lifespan=lifespan,
+    app = FastAPI(title="adaspec", version=adaspec.__version__, lifespan=lifespan, max_body_size=MAX_BODY,
                   description="OpenAI-compatible LLM serving with adaptive, SLO-aware speculative decoding")
     app.state.adaspec = st
     app.add_middleware(APIKeyMiddleware, state=st)

@@ -266,10 +266,11 @@ class AsyncEngine:
             live.waiting = False
             self._unqueue()
         report = slo_report(seq)
+        if self.observer is not None:  # metrics first: a client that saw its answer sees it counted
+            self._observe("finished", seq, report)
+            self._observe("tick", self.engine, self._queued)
         self._call(live.stream.put, Update(seq.text, seq.num_output_tokens, True, seq.finish_reason,
                                            seq.error, seq.stats.as_dict(), report))
-        if self.observer is not None:
-            self._observe("finished", seq, report)
 
     def _sweep(self) -> None:
         """Update the waiting count, finish anything finished outside a step, feed the observer."""
@@ -319,8 +320,3 @@ def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(exc)
-
-
-def now() -> float:
-    """The engine's clock (arrival times must use it)."""
-    return time.perf_counter()

@@ -17,8 +17,9 @@ thread-safe, so `/metrics` only renders. Counters appear with the `_total` suffi
     adaspec:slo_requests_total{result}   met | missed, over finished requests that carry an SLO
                                          (failed and aborted ones count as missed)
     adaspec:slo_attainment               met / (met + missed); NaN until the first such request
-    adaspec:cost_model_prediction_error{stat}  only when the policy has a `cost_model` whose
-        `error_stats` (a method or attribute) is a mapping of stat name -> number; absent otherwise
+    adaspec:cost_model_prediction_error{stat}  the policy's `cost_model.error_report()` (step-time
+        prediction error: mape, median_ape, bias, ..., as adaspec.spec.cost_model reports it), read on
+        the engine thread at most every 0.5 s; absent when the policy has no cost model
 """
 
 from __future__ import annotations
@@ -63,10 +64,9 @@ class _CostModelError:
 
 
 def cost_model_stats(policy) -> dict[str, float] | None:
-    """`policy.cost_model.error_stats` (method or attribute) as {name: float}, or None."""
-    stats = getattr(getattr(policy, "cost_model", None), "error_stats", None)
-    if callable(stats):
-        stats = stats()
+    """`policy.cost_model.error_report()` as {name: float} (numbers only), or None."""
+    report = getattr(getattr(policy, "cost_model", None), "error_report", None)
+    stats = report() if callable(report) else None
     if not isinstance(stats, Mapping):
         return None
     return {str(k): float(v) for k, v in stats.items()

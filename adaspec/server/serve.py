@@ -25,8 +25,6 @@ from adaspec.cli import add_engine_args, engine_kwargs
 def add_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(s)
-    s.add_argument("--slo-tpot-ms", type=float, help="default TPOT objective (ms) per request")
-    s.add_argument("--slo-ttft-ms", type=float, help="default TTFT objective (ms) per request")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("ADASPEC_API_KEY"),
@@ -54,7 +52,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not 0 <= a.port <= 65535:
         raise ValueError("--port must be in [0, 65535]")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kwargs = engine_kwargs(a) | {"slo_tpot_ms": a.slo_tpot_ms, "slo_ttft_ms": a.slo_ttft_ms}
+    kwargs = engine_kwargs(a)
     app = create_app(kwargs, a.served_model_name, a.api_key, a.max_waiting,
                      on_fatal=lambda: setattr(server, "should_exit", True))
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
@@ -81,9 +79,11 @@ def draining_server(config):
 
 
 @contextlib.contextmanager
-def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0,
+                    wait_ready: bool = True):
     """Run `app` under uvicorn on a background thread (tests, benchmarks); yields the base URL once
-    /health is ready, and stops the server (in-flight requests finish first) on exit."""
+    /health is ready (or, without `wait_ready`, once it answers at all), and stops the server (in-flight
+    requests finish first) on exit."""
     import httpx
     import uvicorn
 
@@ -99,12 +99,12 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                if httpx.get(url + "/health", timeout=5).status_code == 200 or not wait_ready:
                     break
             except httpx.TransportError:
                 pass
             st = app.state.adaspec
-            if st.load_error or not thread.is_alive() or time.monotonic() > deadline:
+            if (st.load_error and wait_ready) or not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not become ready: {st.load_error or 'timeout'}")
             time.sleep(0.05)
         yield url

@@ -83,7 +83,7 @@ class AcceptanceModel:
     def reset(self) -> None:
         self.bin_accepted = np.zeros(self.bins)
         self.bin_tested = np.zeros(self.bins)
-        self._curve: np.ndarray | None = None
+        self._curve: list[float] | None = None
         self.positions = [_Ratio() for _ in range(self.max_position)]
         self.position_rates = [_Rate() for _ in range(self.max_position)]
         self.requests: dict[str, _Ratio] = {}
@@ -94,14 +94,16 @@ class AcceptanceModel:
     # ------------------------------------------------------------------------------ predictions
 
     def calibrated(self, q: float) -> float:
-        """Global monotone map from draft probability to acceptance probability."""
+        """Global monotone map from draft probability to acceptance probability (piecewise linear
+        between bin centres, flat beyond the outer ones)."""
         if self._curve is None:
             centres = (np.arange(self.bins) + 0.5) / self.bins
             prior = self.calibration_prior
             rates = (self.bin_accepted + prior * centres) / (self.bin_tested + prior)
-            self._curve = np.asarray(pool_adjacent_violators(list(rates), list(self.bin_tested + prior)))
-        centres = (np.arange(self.bins) + 0.5) / self.bins
-        return float(np.interp(q, centres, self._curve))
+            self._curve = pool_adjacent_violators(rates.tolist(), (self.bin_tested + prior).tolist())
+        x = min(max(q * self.bins - 0.5, 0.0), self.bins - 1.0)
+        lo = min(int(x), self.bins - 2)
+        return self._curve[lo] + (x - lo) * (self._curve[lo + 1] - self._curve[lo])
 
     def _pos(self, position: int) -> int:
         return min(position, self.max_position - 1)
@@ -122,6 +124,10 @@ class AcceptanceModel:
         if r is None:
             return _prob(_odds(global_rate))
         return _prob(_odds((r.accepted + w * global_rate) / (r.tested + w)))
+
+    def unseen_table(self, request_ids: list[str], positions: int) -> list[list[float]]:
+        """`predict_unseen` for every request and positions 0..positions-1."""
+        return [[self.predict_unseen(rid, j) for j in range(positions)] for rid in request_ids]
 
     # ------------------------------------------------------------------------------ learning
 
@@ -159,8 +165,11 @@ class AcceptanceModel:
                 del d[rid]
 
     def report(self) -> dict:
+        """Prequential calibration scores, ours vs the raw draft probability, and the learned curve
+        (acceptance at each bin centre of q)."""
+        curve = [float(self.calibrated((b + 0.5) / self.bins)) for b in range(self.bins)]
         return {"ours": self.ours.report(), "raw_draft_probability": self.raw.report(),
-                "curve": [round(float(v), 4) for v in (self._curve if self._curve is not None else [])]}
+                "curve": [round(v, 4) for v in curve]}
 
 
 @dataclass

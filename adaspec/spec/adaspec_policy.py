@@ -3,10 +3,13 @@
 Per step (see `efficiency.py` for the model and the choice rule):
 - plan: weigh every (depth h, top-m requests) candidate with look-ahead acceptance predictions
   against no speculation; skip speculation unless some candidate is predicted to pay. The chosen
-  requests may draft up to their cap; how far they go is decided token by token.
-- keep_drafting: with the real draft confidences so far, weigh again which requests continue (the
-  sunk draft time counts): each request stops on its own (ragged lengths), and the batch stops when
-  no request's next token is worth its cost.
+  requests may draft up to their cap; how far they go is decided token by token. The draft's
+  catch-up after steps without speculation is charged up to K+1 tokens a row: the rest is a debt
+  that any later speculation must pay too (and that grows while we wait), so charging it in full
+  would lock speculation off after a busy period.
+- keep_drafting: with the real draft confidences so far, weigh again which requests draft one more
+  token (the sunk draft time counts): each request stops on its own (ragged lengths), and the batch
+  stops when no request's next token is worth its cost.
 - prune (verifier): drop the globally least valuable draft positions, tails first, to the removal
   count with the best predicted efficiency (within SLO), against the device's cost curve.
 Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO).
@@ -34,8 +37,9 @@ class AdaSpecPolicy(ControlledPolicy):
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self._planned: list[int] = []
-        self._probs: list[list[float]] = []  # conditional acceptance of each drafted token
+        self._prefix_probs: list[list[float]] = []  # P(first j+1 drafts all accepted), per request
         self._slo: SLOState | None = None
+        self._unseen: list[list[float]] = []  # look-ahead acceptance per request and position
 
     @classmethod
     def variant(cls, name: str, cost_model: CostModel | None = None) -> AdaSpecPolicy:
@@ -45,69 +49,70 @@ class AdaSpecPolicy(ControlledPolicy):
     # ------------------------------------------------------------------------------ helpers
 
     def _update_probs(self, batch: BatchView) -> None:
-        for r, ps in zip(batch.requests, self._probs, strict=True):
+        """Extend each request's P(first j+1 drafts all accepted) with its new confidences."""
+        for r, ps in zip(batch.requests, self._prefix_probs, strict=True):
             for j in range(len(ps), len(r.confidences)):
-                ps.append(self.acceptance.predict(r.request_id, r.confidences[j], j))
+                p = self.acceptance.predict(r.request_id, r.confidences[j], j)
+                ps.append((ps[-1] if ps else 1.0) * p)
 
-    def _arrays(self, batch: BatchView):
-        """Per request: contexts, drafted, expected tokens from the drafts, P(all drafts accepted)."""
-        contexts = np.array([r.context_len for r in batch.requests], dtype=float)
-        drafted = np.array([len(r.confidences) for r in batch.requests], dtype=float)
-        prefix_probs = [np.cumprod(ps).tolist() if ps else [] for ps in self._probs]
-        base = np.array([1 + sum(p) for p in prefix_probs])
-        prefix = np.array([p[-1] if p else 1.0 for p in prefix_probs])
-        return contexts, drafted, base, prefix, prefix_probs
+    def _sunk_draft_time(self, batch: BatchView) -> float:
+        return sum(self.costs.predict_draft(*f) for f in self.costs.draft_forwards(self.shape(batch)))
 
-    def _grid(self, batch: BatchView, cont: list[int], horizon: list[int], first_width: list[int],
-              sunk: float):
-        contexts, drafted, base, prefix, _ = self._arrays(batch)
-        H = max(horizon)
-        future = np.array([[self.acceptance.predict_unseen(batch.requests[i].request_id, int(drafted[i]) + t)
-                            for t in range(H)] for i in cont])
-        return continuation_grid(self.costs, self._slo, contexts, drafted, base, prefix, np.array(cont),
-                                 future, np.array(horizon), np.array(first_width), sunk)
-
-    def _record(self, phase: str, T, E, V, choice: tuple[int, int], **extra) -> None:
-        """Log, for each depth h, its best top-m candidate (by the same rule), and the choice."""
-        cands = []
-        for h in range(T.shape[0]):
-            m = pick(T[h], E[h], V[h], self.slo_aware) if h else 0
-            cands.append(candidate(f"h={h},m={m}", E[h, m], T[h, m], V[h, m], h=h, m=m))
+    def _record(self, phase: str, T, E, V, choice: tuple[int, int]) -> None:
+        """Log the choice and, for each depth h, the candidate with the chosen requests (all that
+        may draft, if the choice was not to speculate)."""
         h, m = choice
-        self.log.add(phase, cands, candidate(f"h={h},m={m}", E[h, m], T[h, m], V[h, m], h=h, m=m), **extra)
+        col = m or T.shape[1] - 1
+        cands = [candidate(f"h={d},m={col if d else 0}", E[d, col if d else 0], T[d, col if d else 0],
+                           V[d, col if d else 0], h=d, m=col if d else 0) for d in range(T.shape[0])]
+        self.log.add(phase, cands, candidate(f"h={h},m={m}", E[h, m], T[h, m], V[h, m], h=h, m=m))
 
     # ------------------------------------------------------------------------------ decisions
 
     def plan(self, batch: BatchView) -> list[int]:
         self.begin(batch)
+        reqs = batch.requests
         self._slo = SLOState(batch)
-        self._probs = [[] for _ in batch.requests]
-        cont = [i for i, r in enumerate(batch.requests) if r.max_draft > 0]
-        self._planned = [0] * len(batch.requests)
+        self._prefix_probs = [[] for _ in reqs]
+        self._planned = [0] * len(reqs)
+        K = max((r.max_draft for r in reqs), default=0)
+        # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K)
+        self._unseen = self.acceptance.unseen_table([r.request_id for r in reqs], K + 1)
+        cont = [i for i, r in enumerate(reqs) if r.max_draft > 0]
         if not cont:
             self.log.add("plan", [], "no request may draft")
             return self._planned
-        T, E, V, order = self._grid(batch, cont, [batch.requests[i].max_draft for i in cont],
-                                    [batch.requests[i].draft_lag for i in cont], 0.0)
-        h, m = np.unravel_index(pick(T, E, V, self.slo_aware), T.shape)
+        n = len(reqs)
+        T, E, V, order = continuation_grid(
+            self.costs, self._slo, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
+            [self._unseen[i][:reqs[i].max_draft] for i in cont],
+            [min(reqs[i].draft_lag, batch.num_speculative_tokens + 1) for i in cont], 0.0)
+        h, m = np.unravel_index(pick(T.ravel(), E.ravel(), V.ravel(), self.slo_aware), T.shape)
         if h and m:
             for i in order[:m]:
-                self._planned[i] = batch.requests[i].max_draft
+                self._planned[i] = reqs[i].max_draft
         self._planned = fit_limits(batch, self._planned)
         self._record("plan", T, E, V, (int(h), int(m)))
         return self._planned
 
     def keep_drafting(self, batch: BatchView, active: list[bool]) -> list[bool]:
+        """One token of look-ahead: the catch-up cost is sunk now, every further draft step costs the
+        same and its token is worth less, so if one more step does not pay, none does."""
         self._update_probs(batch)
         cont = [i for i, a in enumerate(active) if a]
         if not cont:
             return active
-        sunk = sum(self.costs.predict_draft(*f) for f in self.costs.draft_forwards(self.shape(batch)))
-        horizon = [self._planned[i] - len(batch.requests[i].confidences) for i in cont]
-        T, E, V, order = self._grid(batch, cont, horizon, [1] * len(cont), sunk)
-        h, m = np.unravel_index(pick(T, E, V, self.slo_aware), T.shape)
-        keep = set(order[:m].tolist()) if h else set()
-        self._record("draft", T, E, V, (int(h), int(m)), drafted=len(batch.requests[cont[0]].confidences))
+        reqs, pp = batch.requests, self._prefix_probs
+        drafted = [len(r.confidences) for r in reqs]
+        T, E, V, order = continuation_grid(
+            self.costs, self._slo, [r.context_len for r in reqs], drafted, [1 + sum(ps) for ps in pp],
+            [ps[-1] if ps else 1.0 for ps in pp], cont, [[self._unseen[i][drafted[i]]] for i in cont],
+            [1] * len(cont), self._sunk_draft_time(batch))
+        m = int(pick(T[1], E[1], V[1], self.slo_aware))
+        keep = set(order[:m])
+        self.log.add("draft", [candidate(f"m={k}", E[1, k], T[1, k], V[1, k], m=k)
+                               for k in sorted({0, m, len(cont)})],
+                     candidate(f"m={m}", E[1, m], T[1, m], V[1, m], m=m), drafted=drafted[cont[0]])
         return [a and i in keep for i, a in enumerate(active)]
 
     def prune(self, batch: BatchView) -> list[int]:
@@ -115,12 +120,11 @@ class AdaSpecPolicy(ControlledPolicy):
         drafted = [len(r.confidences) for r in batch.requests]
         if not self.verifier or not any(drafted):
             return drafted
-        contexts, drafted_arr, _, _, prefix_probs = self._arrays(batch)
-        sunk = sum(self.costs.predict_draft(*f) for f in self.costs.draft_forwards(self.shape(batch)))
-        T, E, V, removals = prune_sequence(self.costs, self._slo, contexts, drafted_arr, prefix_probs, sunk)
-        r = pick(T, E, V, self.slo_aware)
+        T, E, V, removals = prune_sequence(self.costs, self._slo, [r.context_len for r in batch.requests],
+                                           drafted, self._prefix_probs, self._sunk_draft_time(batch))
+        r = int(pick(T, E, V, self.slo_aware))
         lengths = list(drafted)
-        for i, _ in removals[:r]:
+        for i in removals[:r]:
             lengths[i] -= 1
         cands = [candidate(f"drop={k}", E[k], T[k], V[k], drop=k) for k in sorted({0, r, len(removals)})]
         self.log.add("prune", cands, candidate(f"drop={r}", E[r], T[r], V[r], drop=r), lengths=lengths)

@@ -42,6 +42,8 @@ class ThresholdPolicy(ControlledPolicy):
     def keep_drafting(self, batch: BatchView, active: list[bool]) -> list[bool]:
         # The requests that drafted in the step just run are those with the most confidences.
         depth = max(len(r.confidences) for r in batch.requests)
+        if not depth:
+            return active
         last = [r.confidences[-1] for r in batch.requests if len(r.confidences) == depth]
         mean = sum(last) / len(last)
         if mean < self.threshold:
@@ -75,7 +77,7 @@ class SmartSpecPolicy(ControlledPolicy):
     def plan(self, batch: BatchView) -> list[int]:
         self.begin(batch)
         reqs = batch.requests
-        contexts, lags = [r.context_len for r in reqs], [r.draft_lag for r in reqs]
+        contexts, lags = [r.context_len for r in reqs], [1] * len(reqs)  # its model has no catch-up
         options = []
         for k in range(batch.num_speculative_tokens + 1):
             lengths = fit_limits(batch, [k] * len(reqs))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,14 @@ class ForwardTimeModel:
 
     def predict(self, batch, tokens_per_seq, context):
         """Works on scalars and on numpy arrays (planning evaluates many candidates at once)."""
+        if not isinstance(batch, np.ndarray) and not isinstance(tokens_per_seq, np.ndarray) \
+                and not isinstance(context, np.ndarray):  # scalar fast path: no numpy overhead
+            if batch <= 0:
+                return 0.0
+            c0, c1, c2, c3, c4, c5 = self.coef
+            n = batch * tokens_per_seq
+            over = max(n - self.knee, 0.0) if self.knee > 0 else 0.0
+            return float(c0 + c1 * batch + c2 * n + c3 * over + (c4 * batch + c5 * n) * context)
         f = _features(batch, tokens_per_seq, context, self.knee)
         t = sum(c * v for c, v in zip(self.coef, f, strict=True))
         t = np.where(np.asarray(batch) > 0, t, 0.0)  # an empty forward does not run
@@ -77,7 +84,9 @@ class ForwardTimeModel:
         w = 1.0 / np.maximum(y, 1e-9)
         n = b * tps
         best = None
-        for knee in [0.0, *sorted(set(np.quantile(n, [0.25, 0.5, 0.75]).round()))]:
+        knees = np.unique(n)[:-1]  # a knee at a sampled size; at most ~24 tried
+        knees = np.unique(np.quantile(knees, np.linspace(0, 1, 24))) if len(knees) > 24 else knees
+        for knee in [0.0, *knees]:
             x = np.stack(_features(b, tps, ctx, knee), axis=1) * w[:, None]
             coef, err = _nnls(x, y * w)
             if best is None or err < best[0] - 1e-12:
@@ -116,19 +125,18 @@ class StepTime:
 
 
 class _Scale:
-    """Online multiplicative correction: EWMA of log(measured / predicted), clamped."""
+    """Online multiplicative correction: the median of the last `window` measured/predicted ratios
+    (a median, so one outlier step on a shared machine does not skew the next dozens)."""
 
-    def __init__(self, rate: float = 0.1):
-        self.rate, self.log = rate, 0.0
-
-    @property
-    def value(self) -> float:
-        return math.exp(self.log)
+    def __init__(self, window: int):
+        self.window = window
+        self.ratios: deque[float] = deque(maxlen=max(window, 1))
+        self.value = 1.0
 
     def update(self, measured: float, predicted: float) -> None:
-        if measured > 0 and predicted > 0:
-            target = math.log(measured / predicted)
-            self.log = min(math.log(5), max(math.log(0.2), self.log + self.rate * (target - self.log)))
+        if self.window and measured > 0 and predicted > 0:
+            self.ratios.append(measured / predicted)
+            self.value = min(20.0, max(0.05, float(np.median(self.ratios))))
 
 
 class CostModel:
@@ -139,18 +147,19 @@ class CostModel:
     the mean instead; set padded=False for it."""
 
     def __init__(self, draft: ForwardTimeModel, verify: ForwardTimeModel, overhead_per_row: float = 0.0,
-                 padded: bool = True, meta: dict | None = None, correction_rate: float = 0.1):
+                 padded: bool = True, meta: dict | None = None, window: int = 20):
         self.draft, self.verify = draft, verify
         self.padded = padded
         self.meta = dict(meta or {})
         self.base_overhead_per_row = overhead_per_row
-        self.correction_rate = correction_rate
+        self.window = window  # steps the online correction looks back over; 0 freezes the model
         self.reset()
 
     def reset(self) -> None:
         """Forget online corrections (keep the profile)."""
-        self.draft_scale = _Scale(self.correction_rate)
-        self.verify_scale = _Scale(self.correction_rate)
+        self.draft_scale = _Scale(self.window)
+        self.verify_scale = _Scale(self.window)
+        self._overheads: deque[float] = deque(maxlen=max(self.window, 1))
         self.overhead_per_row = self.base_overhead_per_row
         self._errors: deque[tuple[float, float, float]] = deque(maxlen=5000)  # (measured, ours, base)
 
@@ -164,7 +173,7 @@ class CostModel:
 
     def predict_overhead(self, batch_size, drafted_tokens):
         """Engine work outside the forwards (sampling, acceptance, bookkeeping): per row handled."""
-        return self.overhead_per_row * (1 + np.asarray(batch_size) + np.asarray(drafted_tokens))
+        return self.overhead_per_row * (1 + batch_size + drafted_tokens)
 
     def _pick(self, values: list[int]) -> float:
         return max(values) if self.padded else sum(values) / len(values)
@@ -201,16 +210,22 @@ class CostModel:
         if ours.draft > 0 and draft_time > 0:
             self.draft_scale.update(draft_time, ours.draft / self.draft_scale.value)
         self.verify_scale.update(verify_time, ours.verify / self.verify_scale.value)
-        rows = 1 + len(shape.contexts) + sum(shape.drafted)
-        measured = max(0.0, step_time - draft_time - verify_time) / rows
-        self.overhead_per_row += self.correction_rate * (measured - self.overhead_per_row)
+        if self.window:
+            rows = 1 + len(shape.contexts) + sum(shape.drafted)
+            self._overheads.append(max(0.0, step_time - draft_time - verify_time) / rows)
+            self.overhead_per_row = float(np.median(self._overheads))
 
-    def error_report(self) -> dict:
-        """Predicted vs measured step time so far: mean absolute and signed relative error, online
-        (ours) and for the start-up profile alone (uncorrected)."""
-        if not self._errors:
+    @property
+    def observed_steps(self) -> int:
+        return len(self._errors)
+
+    def error_report(self, last: int | None = None) -> dict:
+        """Predicted vs measured step time (over the last `last` steps, or all kept): mean absolute
+        and signed relative error, online (ours) and for the start-up profile alone (uncorrected)."""
+        errors = list(self._errors)[-last:] if last else list(self._errors)
+        if not errors:
             return {"steps": 0}
-        m, ours, base = (np.asarray(v) for v in zip(*self._errors, strict=True))
+        m, ours, base = (np.asarray(v) for v in zip(*errors, strict=True))
         rel, rel_base = (ours - m) / m, (base - m) / m
         return {"steps": len(m), "mape": float(np.mean(np.abs(rel))),
                 "median_ape": float(np.median(np.abs(rel))), "bias": float(np.mean(rel)),
@@ -244,9 +259,9 @@ class CostModel:
     @classmethod
     def linear(cls, draft_step: float, verify_step: float, verify_per_token: float = 0.0,
                draft_per_row: float = 0.0, verify_per_row: float = 0.0, overhead_per_row: float = 0.0,
-               padded: bool = True) -> CostModel:
+               padded: bool = True, window: int = 0) -> CostModel:
         """A synthetic model for tests and simulations: fixed per-forward costs plus per-row and
-        per-token terms, no context dependence."""
+        per-token terms, no context dependence; frozen unless given a correction window."""
         draft = ForwardTimeModel([draft_step, draft_per_row, 0.0, 0.0, 0.0, 0.0])
         verify = ForwardTimeModel([verify_step, verify_per_row, verify_per_token, 0.0, 0.0, 0.0])
-        return cls(draft, verify, overhead_per_row, padded, {"synthetic": True})
+        return cls(draft, verify, overhead_per_row, padded, {"synthetic": True}, window)

@@ -20,10 +20,11 @@ def _r(x: float, digits: int = 6) -> float:
 def candidate(label: str, tokens: float, time: float, violation: float | None = None, **extra) -> dict:
     """One option a policy weighed: expected emitted tokens, predicted step time (s), worst
     predicted SLO violation (fraction over budget; <= 0 means every SLO is met)."""
-    d = {"label": label, "tokens": _r(tokens, 4), "time": _r(time, 7),
-         "efficiency": _r(tokens / time, 3) if time > 0 else None}
+    tokens, time = float(tokens), float(time)
+    d = {"label": label, "tokens": round(tokens, 4), "time": round(time, 7),
+         "efficiency": round(tokens / time, 3) if time > 0 else None}
     if violation is not None:
-        d["violation"] = _r(violation, 4)
+        d["violation"] = round(float(violation), 4)
     d.update(extra)
     return d
 

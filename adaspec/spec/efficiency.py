@@ -56,113 +56,122 @@ class SLOState:
         return v
 
 
-def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool) -> int:
-    """Flat index of the chosen candidate (see the module docstring)."""
-    eff = (e / t).ravel()
-    v = v.ravel()
-    if not slo_aware:
-        return int(np.argmax(eff))
-    feasible = v <= 0
-    if feasible.any():
-        return int(np.argmax(np.where(feasible, eff, -np.inf)))
-    least = v <= v.min() + 1e-9
-    return int(np.argmax(np.where(least, eff, -np.inf)))
+def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool):
+    """Index of the chosen candidate along the last axis (one per row for 2-D input)."""
+    eff = e / t
+    if slo_aware:
+        feasible = v <= 0
+        least = v <= v.min(-1, keepdims=True) + 1e-9
+        eff = np.where(np.where(feasible.any(-1, keepdims=True), feasible, least), eff, -np.inf)
+    return np.argmax(eff, axis=-1)
 
 
-def _cum_agg(values: np.ndarray, padded: bool) -> np.ndarray:
-    """Aggregate over the first m rows, m = 1..M: max for a padded engine, mean for a packing one."""
-    if padded:
-        return np.maximum.accumulate(values)
-    return np.cumsum(values) / np.arange(1, len(values) + 1)
+def continuation_grid(cm: CostModel, slo: SLOState, contexts: list[int], drafted: list[int],
+                      base_tokens: list[float], prefix: list[float], cont: list[int],
+                      future: list[list[float]], first_width: list[int], sunk: float):
+    """Evaluate "the top m requests of `cont` draft up to h more tokens" for every h and m.
+
+    Per request (all B): contexts, drafted so far, base_tokens (expected tokens from its drafts),
+    prefix (P(all its drafts accepted)). Per continuing request cont[k]: future[k], look-ahead
+    conditional acceptances of the tokens it may still draft (its length is the horizon), and
+    first_width[k], its tokens in the next draft forward (its lag at plan time, else 1). sunk: draft
+    time already spent. Requests join in order of the value of their next token.
+
+    Plain Python with running sums (a cell costs a few scalar predictions): it runs after every
+    draft step, and numpy's per-call cost would dominate at small batches; numpy only for SLOs.
+    Returns (T, E, V, order): arrays [H+1, M+1], row h=0 and column m=0 meaning "stop now"."""
+    B, M, H = len(contexts), len(cont), max(len(f) for f in future)
+    rank = sorted(range(M), key=lambda k: -prefix[cont[k]] * future[k][0])
+    order = [cont[k] for k in rank]
+    ends = [c + d for c, d in zip(contexts, drafted, strict=True)]
+    gains = []  # gains[r][h]: expected extra tokens when rank r drafts up to h more
+    for k in rank:
+        g, p = [0.0], prefix[cont[k]]
+        for h in range(H):
+            p = p * future[k][h] if h < len(future[k]) else 0.0
+            g.append(g[-1] + p)
+        gains.append(g)
+    T = [[0.0] * (M + 1) for _ in range(H + 1)]
+    E = [[0.0] * (M + 1) for _ in range(H + 1)]
+    tokens = [sum(base_tokens)] * (H + 1)
+    rows_in = [0] * H  # rows in draft forward t
+    width_max = width_sum = ctx_max = ctx_sum = 0  # continuing rows: first-forward width, context
+    longest = [max(drafted)] * (H + 1)  # per h: the longest draft after the step
+    verify_ctx = [max(ends)] * (H + 1)
+    new_tokens = [sum(drafted)] * (H + 1)
+    for m in range(M + 1):
+        if m:
+            k, i = rank[m - 1], order[m - 1]
+            horizon = len(future[k])
+            width_max, width_sum = max(width_max, first_width[k]), width_sum + first_width[k]
+            ctx_max, ctx_sum = max(ctx_max, ends[i]), ctx_sum + ends[i]
+            for h in range(H + 1):
+                steps = min(h, horizon)
+                tokens[h] += gains[m - 1][h]
+                longest[h] = max(longest[h], drafted[i] + steps)
+                verify_ctx[h] = max(verify_ctx[h], ends[i] + steps)
+                new_tokens[h] += steps
+            for t in range(horizon):
+                rows_in[t] += 1
+        draft = 0.0
+        for h in range(H + 1):
+            if h and m:  # draft forward h-1
+                t = h - 1
+                width = 1 if t else (width_max if cm.padded else width_sum / m)
+                draft += cm.predict_draft(rows_in[t], width, (ctx_max if cm.padded else ctx_sum / m) + t)
+            if cm.padded:
+                verify = cm.predict_verify(B, longest[h] + 1, verify_ctx[h])
+            else:
+                verify = cm.predict_verify(B, new_tokens[h] / B + 1, (sum(contexts) + new_tokens[h]) / B)
+            T[h][m] = sunk + draft + verify + cm.predict_overhead(B, new_tokens[h])
+            E[h][m] = tokens[h]
+    T, E = np.array(T), np.array(E)
+    if not slo.active:
+        return T, E, np.full(T.shape, -1.0), order
+    gain = np.array(gains).T  # [H+1, M]
+    e = np.broadcast_to(np.asarray(base_tokens, dtype=float), (H + 1, M + 1, B)).copy()
+    top = np.arange(M)[None, :] < np.arange(M + 1)[:, None]  # [M+1, M]: rank r among the top m
+    e[:, :, order] += gain[:, None, :] * top[None, :, :]
+    return T, E, slo.worst(T, e), order
 
 
-def continuation_grid(cm: CostModel, slo: SLOState, contexts: np.ndarray, drafted: np.ndarray,
-                      base_tokens: np.ndarray, prefix: np.ndarray, cont: np.ndarray, future: np.ndarray,
-                      horizon: np.ndarray, first_width: np.ndarray, sunk: float):
-    """Evaluate "the top m continuing requests draft up to h more tokens" for all h, m.
-
-    Per request [B]: contexts, drafted so far, base_tokens (expected tokens from what is drafted),
-    prefix (P(everything drafted so far is accepted)). Per continuing request, indices `cont`:
-    future [len(cont), H] look-ahead conditional acceptances, horizon (tokens it may still draft),
-    first_width (tokens per row in its next draft forward). sunk: draft time already spent.
-    Requests join in order of the value of their next token. Returns (T, E, V, order), arrays
-    [H+1, M+1] where row h=0 and column m=0 mean "stop now", and order[r] = request of rank r.
-    """
-    B, (M, H) = len(contexts), future.shape
-    perm = np.argsort(-(prefix[cont] * future[:, 0]), kind="stable")
-    order, horizon = cont[perm], horizon[perm]
-    f = future[perm] * (np.arange(H)[None, :] < horizon[:, None])
-    gain = np.zeros((M, H + 1))
-    gain[:, 1:] = np.cumsum(prefix[order, None] * np.cumprod(f, axis=1), axis=1)  # [M, H+1]
-    extra_tokens = np.zeros((H + 1, M + 1))
-    extra_tokens[:, 1:] = np.cumsum(gain.T, axis=1)
-    E = base_tokens.sum() + extra_tokens
-
-    # Draft forwards still to run: forward t holds the top-m rows whose horizon exceeds t.
-    in_fwd = (horizon[:, None] > np.arange(H)[None, :]).astype(float)  # [M, H]
-    count = np.zeros((H, M + 1))
-    count[:, 1:] = np.cumsum(in_fwd.T, axis=1)
-    width = np.ones((H, M + 1))
-    width[0, 1:] = _cum_agg(first_width[perm].astype(float), cm.padded)
-    ctx_next = np.zeros(M + 1)
-    ctx_next[1:] = _cum_agg((contexts + drafted)[order].astype(float), cm.padded)
-    fwd = cm.predict_draft(count, width, ctx_next[None, :] + np.arange(H)[:, None])  # [H, M+1]
-    draft_time = np.zeros((H + 1, M + 1))
-    draft_time[1:] = np.cumsum(fwd, axis=0)
-
-    # Verification of everyone: final lengths are drafted + min(h, horizon) for the top m.
-    steps = np.minimum(np.arange(H + 1)[:, None], horizon[None, :])  # [H+1, M]
-    new_len = drafted[order][None, :] + steps
-    total_new = np.zeros((H + 1, M + 1))
-    total_new[:, 1:] = np.cumsum(steps, axis=1)
-    if cm.padded:
-        width_v = np.full((H + 1, M + 1), float(drafted.max()))
-        width_v[:, 1:] = np.maximum(width_v[:, 1:], np.maximum.accumulate(new_len, axis=1))
-        ctx_top = contexts[order][None, :] + new_len
-        ctx_v = np.full((H + 1, M + 1), float((contexts + drafted).max()))
-        ctx_v[:, 1:] = np.maximum(ctx_v[:, 1:], np.maximum.accumulate(ctx_top, axis=1))
-    else:
-        width_v = (drafted.sum() + total_new) / B
-        ctx_v = (contexts + drafted).mean() + total_new / B
-    verify = cm.predict_verify(B, width_v + 1, ctx_v)
-    overhead = cm.predict_overhead(B, drafted.sum() + total_new)
-    T = sunk + draft_time + verify + overhead
-
-    if slo.active:  # tokens per request for every candidate: [H+1, M+1, B]
-        e = np.broadcast_to(base_tokens, (H + 1, M + 1, B)).copy()
-        top = np.arange(M)[None, :] < np.arange(M + 1)[:, None]  # [M+1, M]: row r among top m
-        e[:, :, order] += gain.T[:, None, :] * top[None, :, :]
-        V = slo.worst(T, e)
-    else:
-        V = np.full(T.shape, -1.0)
-    return T, E, V, order
-
-
-def prune_sequence(cm: CostModel, slo: SLOState, contexts: np.ndarray, drafted: np.ndarray,
+def prune_sequence(cm: CostModel, slo: SLOState, contexts: list[int], drafted: list[int],
                    prefix_probs: list[list[float]], sunk: float):
     """Evaluate dropping the r globally least valuable draft positions, r = 0..N.
 
     A position's value is P(it and every position before it are accepted), which never grows along
     a request, so removing in ascending value (ties: later position first) always cuts tails.
-    Returns (T, E, V, removals) with arrays [N+1] and removals[r] = (request, position) cut r-th."""
+    Returns (T, E, V, removals): arrays [N+1], and removals[r] = request whose tail is cut r-th."""
     B = len(contexts)
-    removals = sorted(((p, -j, i) for i, ps in enumerate(prefix_probs) for j, p in enumerate(ps)))
-    n = len(removals)
-    lengths = drafted.astype(int).copy()
-    widths, ctxs, totals = np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1)
-    e = np.zeros((n + 1, B))
-    e[0] = 1 + np.array([sum(ps) for ps in prefix_probs])
-    for r in range(n + 1):
+    removals = sorted((p, -j, i) for i, ps in enumerate(prefix_probs) for j, p in enumerate(ps))
+    lengths = list(drafted)
+    at_length = [0] * (max(drafted) + 1)  # requests per draft length: the padded width is the top one
+    for n in lengths:
+        at_length[n] += 1
+    tokens = B + sum(sum(ps) for ps in prefix_probs)
+    total, ends = sum(lengths), [c + n for c, n in zip(contexts, lengths, strict=True)]
+    overhead = cm.predict_overhead(B, sum(drafted))
+    T, E = [], []
+    for r in range(len(removals) + 1):
         if r:
-            p, neg_j, i = removals[r - 1]
+            p, _, i = removals[r - 1]
+            at_length[lengths[i]] -= 1
             lengths[i] -= 1
-            assert lengths[i] == -neg_j, "removal must cut a tail"
-            e[r] = e[r - 1]
-            e[r, i] -= p
-        widths[r] = lengths.max() + 1 if cm.padded else lengths.mean() + 1
-        ctxs[r] = (contexts + lengths).max() if cm.padded else (contexts + lengths).mean()
-        totals[r] = lengths.sum()
-    T = sunk + cm.predict_verify(B, widths, ctxs) + cm.predict_overhead(B, drafted.sum())
-    E = e.sum(1)
-    V = slo.worst(T, e)
-    return T, E, V, [(i, -neg_j) for _, neg_j, i in removals]
+            at_length[lengths[i]] += 1
+            ends[i] -= 1
+            tokens, total = tokens - p, total - 1
+        if cm.padded:
+            width = max(n for n in range(len(at_length)) if at_length[n])
+            verify = cm.predict_verify(B, width + 1, max(ends))
+        else:
+            verify = cm.predict_verify(B, total / B + 1, sum(ends) / B)
+        T.append(sunk + verify + overhead)
+        E.append(tokens)
+    T, E = np.array(T), np.array(E)
+    if not slo.active:
+        return T, E, np.full(len(T), -1.0), [i for _, _, i in removals]
+    cut = np.zeros((len(removals) + 1, B))  # row r: expected tokens each request lost so far
+    for r, (p, _, i) in enumerate(removals, start=1):
+        cut[r, i] = p
+    e = 1 + np.array([sum(ps) for ps in prefix_probs]) - np.cumsum(cut, axis=0)
+    return T, E, slo.worst(T, e), [i for _, _, i in removals]

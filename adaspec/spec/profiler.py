@@ -125,7 +125,8 @@ def profile(target: ModelRunner, draft: ModelRunner, max_batch: int, max_tokens:
         for tensor in (*runner.cache.k, *runner.cache.v):
             tensor.zero_()
     meta = {**(meta or {}), "max_batch": max_batch, "max_tokens": max_tokens, "max_context": max_context,
-            "profile_seconds": round(time.perf_counter() - t0, 2), "draft_samples": d, "verify_samples": v}
+            "profile_seconds": round(time.perf_counter() - t0, 2),
+            "draft_samples": [list(s) for s in d], "verify_samples": [list(s) for s in v]}
     return CostModel(ForwardTimeModel.fit(d), ForwardTimeModel.fit(v), 0.0, True, meta)
 
 

@@ -40,8 +40,8 @@ class PairConfig:
     rope_theta: float = 10000.0
     target: ModelShape = field(default_factory=lambda: ModelShape(256, 704, 8, 4, 2, False))
     draft: ModelShape = field(default_factory=lambda: ModelShape(192, 512, 1, 3, 3, True))
-    target_steps: int = 1200
-    draft_steps: int = 600
+    target_steps: int = 950
+    draft_steps: int = 450
     target_batch: int = 8
     draft_batch: int = 16
     target_lr: float = 1.5e-3

@@ -1,0 +1,251 @@
+"""Speculation policies under closed-loop load: TPOT, SLO attainment, acceptance, draft length.
+
+    python benchmarks/policies_closed_loop.py                       # embedded pair, built-in prompts
+    python benchmarks/policies_closed_loop.py \\
+        --prompts ../shared/data/spec-bench/origin-spec-bench.jsonl --tpot-slo-ms 60
+
+Closed loop: at concurrency c, c requests are in flight at every moment; when one finishes the next
+prompt is sent. Every policy sees the same prompts in the same order at every level. Output length
+rule: a fixed --max-tokens per request, greedy, ignore_eos (Spec-Bench carries no lengths). Prompts
+longer than --max-prompt-tokens keep their first tokens. Each policy gets its own engine, warmed up
+on two short requests, and keeps what it learned across levels (as a server would).
+
+Metrics follow vLLM's benchmark: TPOT per request = (E2E - TTFT) / (output tokens - 1); SLO
+attainment = share of requests whose TPOT is within the TPOT SLO (and TTFT within --ttft-slo-ms if
+given). Acceptance rate = accepted / drafted; mean speculation length = drafted tokens per
+verification step per request. The TPOT SLO defaults to 1.5x the median TPOT of no speculation at
+concurrency 1 (measured first). Also reported: each model-based policy's predicted-vs-measured step
+time error, and the acceptance model's calibration (ECE, Brier) against the raw draft probability,
+replayed from engine telemetry. Writes docs/policies_closed_loop.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaspec import SamplingParams, __version__
+from adaspec.engine.sequence import SLO
+from adaspec.llm import DEFAULT_PAIR, build_engine
+from adaspec.spec.acceptance import measure_calibration, outcomes_from_telemetry
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = "none,static:1,static:3,static:5,threshold,smartspec,adaspec-drafter,adaspec-noslo,adaspec"
+
+
+def load_prompts(path: Path, n: int | None) -> list[str]:
+    """First turn of each Spec-Bench-format JSONL row (also accepts a 'prompt' field)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    prompts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows]
+    return prompts[:n] if n else prompts
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_level(engine, prompts: list[list[int]], concurrency: int, num_requests: int, max_tokens: int,
+              temperature: float, slo: SLO) -> dict:
+    """Keep `concurrency` requests in flight until `num_requests` have finished."""
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+    first_step = len(engine.telemetry)
+    in_flight, done, sent = [], [], 0
+    t0 = time.perf_counter()
+    while len(done) < num_requests:
+        while len(in_flight) < concurrency and sent < num_requests:
+            in_flight.append(engine.add_request(prompts[sent % len(prompts)], params, slo=slo))
+            sent += 1
+        engine.step()
+        for s in [s for s in in_flight if s.finished]:
+            in_flight.remove(s)
+            done.append(s)
+    duration = time.perf_counter() - t0
+    failed = [s for s in done if s.finish_reason not in ("length", "stop")]
+    ok = [s for s in done if s not in failed and s.num_output_tokens > 1]
+    tpot = [(s.finish_time - s.first_token_time) / (s.num_output_tokens - 1) for s in ok]
+    ttft = [s.first_token_time - s.arrival_time for s in done if s.first_token_time is not None]
+    met = [s for s, t in zip(ok, tpot, strict=True) if (slo.tpot is None or t <= slo.tpot)
+           and (slo.ttft is None or s.first_token_time - s.arrival_time <= slo.ttft)]
+    drafted = sum(s.stats.drafted for s in done)
+    accepted = sum(s.stats.accepted for s in done)
+    steps = sum(s.stats.steps for s in done)
+    return {
+        "concurrency": concurrency, "requests": len(done), "failed": len(failed),
+        "duration_s": duration, "output_tokens": sum(s.num_output_tokens for s in done),
+        "throughput_tok_s": sum(s.num_output_tokens for s in done) / duration,
+        "tpot_mean_ms": 1e3 * statistics.fmean(tpot) if tpot else float("nan"),
+        "tpot_median_ms": 1e3 * statistics.median(tpot) if tpot else float("nan"),
+        "tpot_p99_ms": 1e3 * percentile(tpot, 99),
+        "ttft_mean_ms": 1e3 * statistics.fmean(ttft) if ttft else float("nan"),
+        "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+        "slo_attainment": len(met) / len(done),  # failed requests count as misses
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_acceptance_length": 1 + accepted / steps if steps else 0.0,
+        "mean_speculation_length": drafted / steps if steps else 0.0,
+        "decode_steps": sum(1 for r in list(engine.telemetry)[first_step:] if r.kind == "decode"),
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_PAIR / "target"))
+    ap.add_argument("--draft-model", default=str(DEFAULT_PAIR / "draft"))
+    ap.add_argument("--prompts", type=Path, default=DEFAULT_PAIR / "prompts.jsonl",
+                    help="Spec-Bench JSONL (read in place, never copied); default: built-in held-out prompts")
+    ap.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    ap.add_argument("--policies", default=POLICIES)
+    ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument("--requests-per-level", type=int, help="default: max(8, 2 x concurrency)")
+    ap.add_argument("--max-tokens", type=int, default=128, help="fixed output length per request")
+    ap.add_argument("--max-prompt-tokens", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--tpot-slo-ms", type=float, help="default: 1.5x median TPOT of 'none' at concurrency 1")
+    ap.add_argument("--ttft-slo-ms", type=float)
+    ap.add_argument("--num-speculative-tokens", type=int, default=8)
+    ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--reprofile", action="store_true")
+    ap.add_argument("--save-decisions", type=Path, help="directory for each policy's decision log (JSONL)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "policies_closed_loop")
+    a = ap.parse_args(argv)
+    if not a.prompts.exists():
+        ap.error(f"no prompt file at {a.prompts}; pass --prompts PATH (Spec-Bench JSONL)")
+    levels = [int(c) for c in a.concurrency.split(",")]
+    policies = a.policies.split(",")
+    kw = dict(model=a.model, draft_model=a.draft_model, num_speculative_tokens=a.num_speculative_tokens,
+              max_num_seqs=max(levels), max_model_len=a.max_model_len, dtype=a.dtype)
+
+    def engine_for(policy: str, slo_ms: float | None):
+        return build_engine(policy=policy, slo_tpot_ms=slo_ms, slo_ttft_ms=a.ttft_slo_ms,
+                            reprofile=a.reprofile, **kw)
+
+    engines: dict = {}
+    slo_ms = a.tpot_slo_ms
+    limit = None
+    prompt_ids: list[list[int]] = []
+
+    def prepare(engine) -> None:
+        nonlocal limit, prompt_ids
+        if not prompt_ids:
+            limit = min(a.max_prompt_tokens, engine.max_model_len - a.max_tokens - 1)
+            tok = engine.tokenizer
+            prompt_ids = [tok(p)["input_ids"][:limit] for p in load_prompts(a.prompts, a.num_prompts)]
+        warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        for p in prompt_ids[:2]:
+            engine.add_request(p, warm)
+        while engine.has_unfinished():
+            engine.step()
+
+    results = []
+    if slo_ms is None:  # the SLO is relative to plain decoding on this machine
+        engines["none"] = engine_for("none", None)
+        prepare(engines["none"])
+        base = run_level(engines["none"], prompt_ids, 1, a.requests_per_level or 8, a.max_tokens,
+                         a.temperature, SLO())
+        slo_ms = 1.5 * base["tpot_median_ms"]
+        print(f"TPOT SLO: {slo_ms:.1f} ms (1.5x the median TPOT of 'none' at concurrency 1)", flush=True)
+    slo = SLO(slo_ms / 1e3, None if a.ttft_slo_ms is None else a.ttft_slo_ms / 1e3)
+    extra: dict = {}
+    for name in policies:
+        engine = engines.get(name) or engine_for(name, slo_ms)
+        if name not in engines:
+            prepare(engine)
+        policy, cm = engine.policy, getattr(engine.policy, "cost_model", None)
+        for c in levels:
+            seen = cm.observed_steps if cm is not None else 0
+            row = {"policy": name, **run_level(engine, prompt_ids, c, a.requests_per_level or max(8, 2 * c),
+                                                a.max_tokens, a.temperature, slo)}
+            if cm is not None:
+                row["step_time_error"] = cm.error_report(last=cm.observed_steps - seen)
+            results.append(row)
+            print(f"{name:>15} c={c:>2}: TPOT mean {row['tpot_mean_ms']:7.1f} ms, "
+                  f"p99 {row['tpot_p99_ms']:7.1f}, SLO {row['slo_attainment']:.2f}, "
+                  f"acceptance {row['acceptance_rate']:.2f}, "
+                  f"spec length {row['mean_speculation_length']:.2f}", flush=True)
+        extra[name] = {"calibration_from_telemetry": measure_calibration(
+            outcomes_from_telemetry(engine.telemetry))}
+        if hasattr(policy, "describe"):
+            extra[name]["policy"] = {k: v for k, v in policy.describe().items() if k != "cost_model"}
+        if cm is not None:
+            extra[name]["step_time_error"] = cm.error_report()
+        if a.save_decisions is not None and hasattr(policy, "log"):
+            a.save_decisions.mkdir(parents=True, exist_ok=True)
+            policy.log.to_jsonl(a.save_decisions / f"{name.replace(':', '_')}.jsonl")
+        engines.pop(name, None)
+        del engine
+
+    meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                       f"{platform.python_version()}, torch {torch.__version__}",
+            "adaspec": __version__, "commit": git_commit(), "model": a.model, "draft_model": a.draft_model,
+            "prompts": str(a.prompts), "num_prompts": len(prompt_ids), "max_prompt_tokens": limit,
+            "output_length_rule": f"fixed {a.max_tokens} tokens, ignore_eos", "temperature": a.temperature,
+            "tpot_slo_ms": slo_ms, "ttft_slo_ms": a.ttft_slo_ms, "K": a.num_speculative_tokens,
+            "closed_loop": "concurrency c: c requests in flight; a finished request is replaced at once"}
+    res = {"meta": meta, "results": results, "per_policy": extra}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    a.out.with_suffix(".md").write_text(render(res, levels, policies))
+    print(f"wrote {a.out.with_suffix('.md')}")
+    return 0
+
+
+def render(res: dict, levels: list[int], policies: list[str]) -> str:
+    m = res["meta"]
+    lines = ["# Speculation policies under closed-loop load", "", f"Command: `{m['command']}`  ",
+             f"Machine: {m['machine']}; adaspec {m['adaspec']} ({m['commit']}).  ",
+             f"Prompts: {m['prompts']} ({m['num_prompts']}, at most {m['max_prompt_tokens']} tokens); "
+             f"output: {m['output_length_rule']}; temperature {m['temperature']}; K={m['K']}.  ",
+             f"TPOT SLO {m['tpot_slo_ms']:.1f} ms" + (f", TTFT SLO {m['ttft_slo_ms']} ms" if m["ttft_slo_ms"]
+                                                     else "") + f". {m['closed_loop']}.", ""]
+    by = {(r["policy"], r["concurrency"]): r for r in res["results"]}
+    for c in levels:
+        base = by.get(("none", c))
+        lines += [f"## Concurrency {c}", "",
+                  "| policy | TPOT mean (ms) | median | P99 | speedup | SLO att. | accept. rate | "
+                  "spec. length | tok/s | step-time error |", "|---|" + "---|" * 9]
+        for p in policies:
+            r = by.get((p, c))
+            if r is None:
+                continue
+            speed = f"{base['tpot_mean_ms'] / r['tpot_mean_ms']:.2f}x" if base else "-"
+            err = r.get("step_time_error", {})
+            err_s = f"{100 * err['mape']:.0f}%" if err.get("steps") else "-"
+            lines.append(f"| {p} | {r['tpot_mean_ms']:.1f} | {r['tpot_median_ms']:.1f} | "
+                         f"{r['tpot_p99_ms']:.1f} | {speed} | {r['slo_attainment']:.2f} | "
+                         f"{r['acceptance_rate']:.2f} | "
+                         f"{r['mean_speculation_length']:.2f} | {r['throughput_tok_s']:.1f} | {err_s} |")
+        lines.append("")
+    lines += ["## Acceptance-model calibration (replayed from engine telemetry)", "",
+              "| run | verified positions | ECE ours | ECE raw q | Brier ours | Brier raw q |",
+              "|---|---|---|---|---|---|"]
+    for p in policies:
+        cal = res["per_policy"].get(p, {}).get("calibration_from_telemetry")
+        if cal and cal["ours"]["n"]:
+            o, r = cal["ours"], cal["raw_draft_probability"]
+            lines.append(f"| {p} | {o['n']} | {o['ece']:.3f} | {r['ece']:.3f} | {o['brier']:.3f} | "
+                         f"{r['brier']:.3f} |")
+    lines += ["", "Step-time error: mean absolute relative error of the online cost model's predicted "
+              "step time against the measured one, over that level's steps. Speedup: TPOT of no "
+              "speculation over the policy's, at the same concurrency.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

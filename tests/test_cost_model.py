@@ -1,0 +1,146 @@
+"""Cost model: fit, extrapolation, step shapes, online correction, persistence, start-up profiling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adaspec.spec.cost_model import CostModel, ForwardTimeModel, StepShape
+
+GRID = [(b, t, c) for b in (1, 2, 4, 8, 16, 32) for t in (1, 2, 5, 9) for c in (16, 64, 256)]  # like profiler
+
+
+def cpu_like(b, t, c):
+    return 2e-3 + 1e-4 * b + 3e-5 * b * t + 2e-8 * b * t * c
+
+
+def gpu_like(b, t, c):
+    """Flat while memory-bound (up to 64 tokens), then linear in tokens."""
+    n = b * t
+    return 5e-3 + 1e-4 * max(0, n - 64) + 1e-9 * b * c
+
+
+@pytest.mark.parametrize("truth", [cpu_like, gpu_like])
+def test_fit_recovers_curve_and_extrapolates(truth):
+    model = ForwardTimeModel.fit([(b, t, c, truth(b, t, c)) for b, t, c in GRID])
+    assert all(c >= 0 for c in model.coef)
+    for b, t, c in GRID + [(64, 9, 512), (128, 9, 1024)]:  # the last two are 2-4x beyond the grid
+        assert model.predict(b, t, c) == pytest.approx(truth(b, t, c), rel=0.02), (b, t, c)
+
+
+def test_fit_is_monotone_and_smooth_past_the_table():
+    rng = np.random.default_rng(0)
+    samples = [(b, t, c, cpu_like(b, t, c) * rng.uniform(0.8, 1.2)) for b, t, c in GRID]
+    model = ForwardTimeModel.fit(samples)
+    bs = np.arange(1, 200)
+    times = model.predict(bs, 3, 128)
+    assert np.all(np.diff(times) >= 0)
+    steps = np.diff(times)
+    assert steps.max() < 10 * np.median(steps)  # no cliff at the edge of the profiled range (16)
+    ts = model.predict(8, np.arange(1, 20), 128)
+    assert np.all(np.diff(ts) >= 0)
+
+
+def test_step_shape_forwards_and_closed_form_time():
+    cm = CostModel.linear(draft_step=1.0, verify_step=10.0, verify_per_token=0.5, draft_per_row=0.1)
+    shape = StepShape(contexts=[10, 20, 30], lags=[1, 3, 1], drafted=[2, 0, 4], verified=[2, 0, 1])
+    forwards = cm.draft_forwards(shape)
+    # forward 0 feeds rows 0 and 2 (widest lag 1); then 2 rows, then only row 2 twice
+    assert [f[0] for f in forwards] == [2, 2, 1, 1]
+    assert forwards[0][1] == 1 and forwards[0][2] == 30
+    t = cm.predict(shape)
+    assert t.draft == pytest.approx(4 * 1.0 + 0.1 * (2 + 2 + 1 + 1))
+    # padded verification: 3 rows of max(verified) + 1 = 3 tokens each
+    assert t.verify == pytest.approx(10.0 + 0.5 * 3 * 3)
+    packed = CostModel.linear(draft_step=1.0, verify_step=10.0, verify_per_token=0.5, padded=False)
+    assert packed.predict(shape).verify == pytest.approx(10.0 + 0.5 * (3 + 2 + 0 + 1))
+
+
+def test_no_draft_costs_nothing_to_draft():
+    cm = CostModel.linear(draft_step=1.0, verify_step=2.0)
+    assert cm.predict(StepShape([5, 6], [4, 4], [0, 0], [0, 0])).draft == 0
+
+
+def test_online_correction_follows_drift_and_shrugs_off_outliers():
+    cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2, window=10)
+    shape = StepShape([10, 10], [1, 1], [3, 2], [3, 2])
+    base = cm.predict(shape)
+    for i in range(30):  # the device got twice as slow (e.g. another process shares the CPU)
+        spike = 10 if i == 25 else 1  # one step stalled (a page fault, a context switch)
+        cm.observe(shape, 2 * base.draft, 2 * base.verify * spike, 2 * base.total + 1e-3)
+    assert cm.draft_scale.value == pytest.approx(2)
+    assert cm.verify_scale.value == pytest.approx(2)
+    assert cm.predict(shape).total == pytest.approx(2 * base.total + 1e-3, rel=0.02)
+    rep = cm.error_report()
+    assert rep["steps"] == 30 and rep["mape"] < rep["mape_uncorrected"]
+    assert cm.error_report(last=5)["mape"] < 0.05
+    for _ in range(10):  # and then faster again
+        cm.observe(shape, base.draft / 1.5, base.verify / 1.5, base.total / 1.5)
+    assert cm.verify_scale.value == pytest.approx(1 / 1.5)
+    cm.reset()
+    assert cm.verify_scale.value == 1 and cm.error_report() == {"steps": 0}
+
+
+def test_frozen_model_does_not_learn():
+    cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2)  # window 0: frozen
+    shape = StepShape([10], [1], [2], [2])
+    before = cm.predict(shape).total
+    cm.observe(shape, 1.0, 1.0, 3.0)
+    assert cm.predict(shape).total == before
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = ForwardTimeModel.fit([(b, t, c, gpu_like(b, t, c)) for b, t, c in GRID])
+    cm = CostModel(model, model, 1e-5, meta={"key": {"device": "x"}})
+    cm.save(tmp_path / "p.json")
+    back = CostModel.load(tmp_path / "p.json")
+    shape = StepShape([100, 50], [2, 1], [4, 3], [2, 3])
+    assert back.predict(shape).total == pytest.approx(cm.predict(shape).total)
+    assert back.meta == cm.meta and back.padded
+
+
+@pytest.fixture
+def runners(tiny_pair):
+    from adaspec.engine.runner import ModelRunner
+    from adaspec.model import load_model
+
+    target, draft, _ = tiny_pair
+    make = lambda path: ModelRunner(load_model(path, dtype=torch.float32), 4, 64, torch.float32,  # noqa: E731
+                                    torch.device("cpu"))
+    return make(target), make(draft)
+
+
+def test_profile_cached_keyed_and_reprofiled(runners, tmp_path, monkeypatch):
+    from adaspec.spec import profiler
+
+    monkeypatch.setenv("ADASPEC_CACHE_DIR", str(tmp_path))
+    target, draft = runners
+    cm = profiler.load_or_profile(target, draft, 4, 3, 64, ("t", "d"), budget_s=20)
+    files = list((tmp_path / "profiles").glob("*.json"))
+    assert len(files) == 1
+    key = cm.meta["key"]
+    assert key["threads"] == torch.get_num_threads() and key["dtype"] == "float32"
+    assert key["device"] and key["adaspec"] and key["target"]["hidden_size"] == 64
+    assert all(float(t.abs().sum()) == 0 for t in (*target.cache.k, *draft.cache.k))  # caches cleared
+    # sane predictions over and beyond the profiled range
+    for b, t, c in [(1, 1, 16), (4, 4, 64), (32, 9, 1024)]:
+        assert cm.predict_verify(b, t, c) > 0 and cm.predict_draft(b, 1, c) > 0
+    assert cm.predict_verify(32, 9, 1024) >= cm.predict_verify(4, 4, 64)
+
+    def no_timing(*a, **k):
+        raise AssertionError("profiled again although a matching profile is cached")
+
+    real = profiler.time_forwards
+    monkeypatch.setattr(profiler, "time_forwards", no_timing)
+    again = profiler.load_or_profile(target, draft, 4, 3, 64, ("t", "d"))
+    assert again.to_dict() == cm.to_dict()
+    monkeypatch.setattr(profiler, "time_forwards", real)
+    fresh = profiler.load_or_profile(target, draft, 4, 3, 64, ("t", "d"), reprofile=True, budget_s=20)
+    assert fresh.meta["draft_samples"] != cm.meta["draft_samples"] or fresh.meta != cm.meta
+    monkeypatch.setattr(profiler, "time_forwards", no_timing)
+    with pytest.raises(AssertionError, match="profiled again"):  # a longer K is not covered
+        profiler.load_or_profile(target, draft, 4, 5, 64, ("t", "d"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # another thread count: another key
+    with pytest.raises(AssertionError, match="profiled again"):
+        profiler.load_or_profile(target, draft, 4, 3, 64, ("t", "d"))

@@ -1,0 +1,404 @@
+"""Policies: closed-form decisions on synthetic cost and acceptance models, hard limits, the
+acceptance model's calibration, decision logs, and losslessness of every policy in the engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaspec import LLM, SamplingParams
+from adaspec.spec.acceptance import AcceptanceModel, measure_calibration, outcomes_from_telemetry
+from adaspec.spec.adaspec_policy import AdaSpecPolicy
+from adaspec.spec.baselines import SmartSpecPolicy, ThresholdPolicy
+from adaspec.spec.cost_model import CostModel, StepShape
+from adaspec.spec.policy import (
+    POLICY_NAMES,
+    BatchView,
+    RequestView,
+    StepOutcome,
+    WaitingView,
+    fit_limits,
+    make_policy,
+)
+
+MS = 1e-3
+
+
+class KnownAcceptance(AcceptanceModel):
+    """Acceptance known in closed form: a drafted token is accepted with its draft probability, a
+    token not drafted yet with its request's fixed rate."""
+
+    def __init__(self, rates: dict[str, float]):
+        super().__init__()
+        self.rates = rates
+
+    def predict(self, request_id, q, position):
+        return q
+
+    def predict_unseen(self, request_id, position):
+        return self.rates[request_id]
+
+
+def request(rid, context=20, cap=8, **kw):
+    kw.setdefault("output_tokens", 5)
+    return RequestView(rid, context, max_draft=cap, **kw)
+
+
+def adaspec(cost, rates, name="adaspec"):
+    pol = AdaSpecPolicy.variant(name, cost)
+    pol.acceptance = KnownAcceptance(rates)
+    return pol
+
+
+def drive(policy, batch, conf=None):
+    """Run one step's decisions exactly as the engine does; conf(i, j) is the draft probability of
+    request i's j-th token (default: the request's known rate). Returns (planned, drafted, verified)."""
+    rates = getattr(policy.acceptance, "rates", {})
+    conf = conf or (lambda i, j: rates[batch.requests[i].request_id])
+    planned = fit_limits(batch, policy.plan(batch))
+    active = [k > 0 for k in planned]
+    while any(active):
+        for i, a in enumerate(active):
+            if a:
+                batch.requests[i].confidences.append(conf(i, len(batch.requests[i].confidences)))
+        active = [a and len(r.confidences) < k
+                  for a, r, k in zip(active, batch.requests, planned, strict=True)]
+        keep = policy.keep_drafting(batch, list(active))
+        active = [a and bool(k) for a, k in zip(active, keep, strict=True)]
+    drafted = [len(r.confidences) for r in batch.requests]
+    verified = [max(0, min(int(n), d)) for n, d in zip(policy.prune(batch), drafted, strict=True)]
+    return planned, drafted, verified
+
+
+# ---------------------------------------------------------------------------------- closed form
+
+
+def test_free_speculation_drafts_to_k():
+    cost = CostModel.linear(draft_step=0.0, verify_step=10 * MS)  # drafting and extra tokens cost nothing
+    batch = BatchView([request("a"), request("b", cap=3)], 8)
+    planned, drafted, verified = drive(adaspec(cost, {"a": 0.3, "b": 0.3}), batch)
+    assert drafted == [8, 3] and verified == [8, 3]
+
+
+def test_expensive_verification_and_low_acceptance_skips_speculation():
+    # verifying k+1 tokens costs k+1 decode steps; acceptance 0.3
+    cost = CostModel.linear(draft_step=1 * MS, verify_step=0.0, verify_per_token=10 * MS)
+    for name in ("adaspec", "adaspec-drafter", "adaspec-noslo"):
+        pol = adaspec(cost, {"a": 0.3, "b": 0.3}, name)
+        batch = BatchView([request("a"), request("b")], 8)
+        assert drive(pol, batch) == ([0, 0], [0, 0], [0, 0])
+        assert pol.log._current["phases"][0]["choice"]["h"] == 0
+
+
+def test_confident_request_drafts_longer():
+    cost = CostModel.linear(draft_step=0.5 * MS, draft_per_row=0.5 * MS, verify_step=10 * MS,
+                            verify_per_token=1 * MS, padded=False)
+    batch = BatchView([request("sure"), request("unsure")], 8)
+    _, drafted, verified = drive(adaspec(cost, {"sure": 0.9, "unsure": 0.2}), batch)
+    assert drafted[0] > drafted[1] and verified[0] > verified[1]
+    assert drafted[0] >= 4 and drafted[1] <= 1
+
+
+def test_each_request_stops_on_its_own_and_batch_stops_when_none_pays():
+    cost = CostModel.linear(draft_step=0.5 * MS, draft_per_row=0.5 * MS, verify_step=10 * MS,
+                            verify_per_token=1 * MS, padded=False)
+    pol = adaspec(cost, {"a": 0.9, "b": 0.9})
+    batch = BatchView([request("a"), request("b")], 8)
+    # a's third token turns out unlikely: a stops right there, b goes on (ragged lengths)
+    _, drafted, _ = drive(pol, batch, lambda i, j: 0.02 if (i == 0 and j == 2) else 0.9)
+    assert drafted[0] == 3 and drafted[1] > 3
+    pol = adaspec(cost, {"a": 0.9, "b": 0.9})
+    batch = BatchView([request("a"), request("b")], 8)
+    _, drafted, verified = drive(pol, batch, lambda i, j: 0.02)  # every draft collapses at once
+    assert drafted == [1, 1] and verified == [0, 0]  # the verifier also drops the worthless tokens
+
+
+def test_verifier_cuts_globally_least_valuable_tails():
+    cost = CostModel.linear(draft_step=0.0, verify_step=10 * MS, verify_per_token=3 * MS, padded=False)
+    pol = adaspec(cost, {"a": 0.9, "b": 0.9})
+    batch = BatchView([request("a"), request("b")], 8)
+    pol.plan(batch)
+    batch.requests[0].confidences += [0.95, 0.95, 0.95]
+    batch.requests[1].confidences += [0.95, 0.1, 0.9]  # b's tail after 0.1 is worth little
+    assert pol.prune(batch) == [3, 1]
+    drafter_only = adaspec(cost, {"a": 0.9, "b": 0.9}, "adaspec-drafter")
+    drafter_only.plan(batch)
+    assert drafter_only.prune(batch) == [3, 3]
+
+
+def test_padded_verifier_shrinks_the_batch_width():
+    """Our runner pads to the longest row: cutting one row's tail saves nothing, cutting every
+    row's does."""
+    cost = CostModel.linear(draft_step=0.0, verify_step=10 * MS, verify_per_token=1 * MS)
+    pol = adaspec(cost, {"a": 0.9, "b": 0.9})
+    batch = BatchView([request("a"), request("b")], 8)
+    pol.plan(batch)
+    batch.requests[0].confidences += [0.95, 0.95, 0.95]
+    batch.requests[1].confidences += [0.95, 0.1, 0.9]
+    assert pol.prune(batch) == [3, 3]
+    pol = adaspec(cost, {"a": 0.9, "b": 0.9})
+    batch = BatchView([request("a"), request("b")], 8)
+    pol.plan(batch)
+    batch.requests[0].confidences += [0.95, 0.1, 0.9]
+    batch.requests[1].confidences += [0.95, 0.1, 0.9]
+    assert pol.prune(batch) == [1, 1]
+
+
+def slo_batch():
+    """'a' far ahead of its 20 ms TPOT SLO and very predictable; 'b' exactly on budget, unpredictable."""
+    a = request("a", output_tokens=11, since_first_token=0.1, tpot_slo=20 * MS)
+    b = request("b", output_tokens=11, since_first_token=20 * MS * 11 - 10 * MS, tpot_slo=20 * MS)
+    return BatchView([a, b], 8)
+
+
+def test_tight_slo_leaves_only_no_speculation():
+    cost = CostModel.linear(draft_step=2 * MS, verify_step=10 * MS)  # a plain step: exactly 10 ms
+    rates = {"a": 0.95, "b": 0.05}
+    assert drive(adaspec(cost, rates, "adaspec-noslo"), slo_batch())[1][0] > 0  # efficiency says draft
+    pol = adaspec(cost, rates)
+    assert drive(pol, slo_batch()) == ([0, 0], [0, 0], [0, 0])  # but any longer step breaks b's SLO
+    plan = pol.log._current["phases"][0]  # every depth with the requests that may draft breaks it
+    assert plan["choice"]["violation"] <= 0 and all(c["violation"] > 0 for c in plan["candidates"][1:])
+
+
+def test_infeasible_slo_minimises_worst_violation():
+    """'a' is behind its SLO whatever we do; speculation helps a, though it costs the batch."""
+    cost = CostModel.linear(draft_step=4 * MS, verify_step=10 * MS, verify_per_token=0.5 * MS, padded=False)
+    rates = {"a": 0.9, "b": 0.05, "c": 0.05, "d": 0.05}
+    reqs = [request("a", output_tokens=11, since_first_token=0.4, tpot_slo=20 * MS)]
+    reqs += [request(r) for r in "bcd"]
+    assert drive(adaspec(cost, rates, "adaspec-noslo"), BatchView(reqs, 8))[1] == [0, 0, 0, 0]
+    reqs = [request("a", output_tokens=11, since_first_token=0.4, tpot_slo=20 * MS)]
+    reqs += [request(r) for r in "bcd"]
+    drafted = drive(adaspec(cost, rates), BatchView(reqs, 8))[1]
+    assert drafted[0] > 0 and drafted[1:] == [0, 0, 0]
+
+
+def test_waiting_request_ttft_counts_when_the_queue_matters():
+    """A request is about to miss its TTFT in the queue; 'a' holds the slot it waits for, and
+    speculating on 'a' frees it sooner, though it costs the batch."""
+    cost = CostModel.linear(draft_step=4 * MS, verify_step=10 * MS, verify_per_token=0.5 * MS, padded=False)
+    rates = {"a": 0.95, "b": 0.05, "c": 0.05, "d": 0.05}
+
+    def batch():
+        reqs = [request("a", remaining_tokens=3)] + [request(r, remaining_tokens=50) for r in "bcd"]
+        return BatchView(reqs, 8, num_waiting=1, waiting=[WaitingView(waited=0.28, ttft_slo=0.3)])
+
+    assert drive(adaspec(cost, rates, "adaspec-noslo"), batch())[1] == [0, 0, 0, 0]
+    assert drive(adaspec(cost, rates), batch())[1][0] > 0
+
+
+def test_threshold_stops_after_low_mean_and_never_turns_off():
+    pol = ThresholdPolicy()
+    batch = BatchView([request("a"), request("b", cap=2)], 8)
+    conf = {0: [0.9, 0.9, 0.9, 0.9], 1: [0.5, 0.1]}  # means: 0.7, 0.5 -> stop after step 2
+    planned, drafted, verified = drive(pol, batch, lambda i, j: conf[i][j])
+    assert planned == [8, 2] and drafted == [2, 2] and verified == [2, 2]
+    batch = BatchView([request("a")], 8)
+    assert drive(pol, batch, lambda i, j: 0.01)[1] == [1]  # hopeless, but it still drafts
+
+
+def smartspec_choice(alpha, cost, k_max, batch_size=1):
+    rates = [(1 - alpha ** (k + 1)) / (1 - alpha) * batch_size / cost.predict(
+        StepShape([20] * batch_size, [1] * batch_size, [k] * batch_size, [k] * batch_size)).total
+        for k in range(k_max + 1)]
+    best = max(range(1, k_max + 1), key=lambda k: (rates[k], -k))
+    return 0 if rates[0] >= 1.1 * rates[best] else best
+
+
+@pytest.mark.parametrize("draft_ms", [0.5, 3.0, 5.0, 7.0])
+def test_smartspec_closed_form(draft_ms):
+    cost = CostModel.linear(draft_step=draft_ms * MS, verify_step=10 * MS, verify_per_token=0.2 * MS)
+    pol = SmartSpecPolicy(cost)
+    planned = pol.plan(BatchView([request("a"), request("b")], 8))
+    assert planned == [smartspec_choice(0.7, cost, 8, 2)] * 2
+
+
+def test_smartspec_no_speculation_must_win_by_ten_percent():
+    # goodput(k=1) = 1.7 / (10 ms + draft); goodput(0) = 1 / 10 ms
+    cost = CostModel.linear(draft_step=(1.05 * 17 - 10) * MS, verify_step=10 * MS)  # k=0 better by 5%
+    assert SmartSpecPolicy(cost).plan(BatchView([request("a", cap=1)], 8)) == [1]
+    cost = CostModel.linear(draft_step=(1.15 * 17 - 10) * MS, verify_step=10 * MS)  # by 15%
+    assert SmartSpecPolicy(cost).plan(BatchView([request("a", cap=1)], 8)) == [0]
+
+
+def test_smartspec_alpha_is_measured_and_reset():
+    pol = SmartSpecPolicy(CostModel.linear(draft_step=1 * MS, verify_step=10 * MS))
+    outcome = lambda d, a: StepOutcome(["a"], [20], [d], [a], [[0.9] * d], d, 0.0, 0.01, 0.01)  # noqa: E731
+    pol.observe(outcome(4, 2))
+    assert pol.alpha == pytest.approx(0.5)
+    pol.observe(outcome(4, 0))
+    pol.observe(outcome(4, 0))  # 2 / 12 < 0.3
+    assert pol.alpha == 0.65
+
+
+# ---------------------------------------------------------------------------------- hard limits
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(1, 3), st.floats(0.01, 0.99)), min_size=1,
+                max_size=6),
+       st.integers(2, 40), st.sampled_from(["threshold", "smartspec", "adaspec", "adaspec-drafter",
+                                            "adaspec-noslo", "static:8"]))
+def test_no_decision_exceeds_limits(reqs, budget, name):
+    cost = CostModel.linear(draft_step=0.1 * MS, verify_step=10 * MS, verify_per_token=0.1 * MS)
+    pol = make_policy(name, 8, cost)
+    batch = BatchView([request(str(i), cap=cap, draft_lag=lag, tpot_slo=0.02)
+                       for i, (cap, lag, _) in enumerate(reqs)], 8, max_batched_tokens=budget)
+    planned = pol.plan(batch)
+    assert all(0 <= k <= r.max_draft for k, r in zip(planned, batch.requests, strict=True))
+    if not isinstance(pol, type(make_policy("static:8", 8))):
+        assert sum(planned) + len(planned) <= max(budget, len(planned))
+    active = [k > 0 for k in planned]
+    for depth in range(8):
+        if not any(active):
+            break
+        for i, a in enumerate(active):
+            if a:
+                batch.requests[i].confidences.append(reqs[i][2])
+        active = [a and depth + 1 < k for a, k in zip(active, planned, strict=True)]
+        keep = pol.keep_drafting(batch, list(active))
+        assert len(keep) == len(active)
+        active = [a and bool(k) for a, k in zip(active, keep, strict=True)]
+    verified = pol.prune(batch)
+    assert all(0 <= n <= len(r.confidences) for n, r in zip(verified, batch.requests, strict=True))
+
+
+def test_make_policy_names():
+    assert {"none", "static:K", "threshold", "smartspec", "adaspec", "adaspec-drafter",
+            "adaspec-noslo"} <= set(POLICY_NAMES)
+    assert make_policy("adaspec-noslo", 8).name == "adaspec-noslo"
+    assert make_policy("threshold:0.4", 8).threshold == 0.4
+    for bad in ("adaspec:3", "threshold:2", "smartspec:x"):
+        with pytest.raises(ValueError, match="policy"):
+            make_policy(bad, 8)
+
+
+# ---------------------------------------------------------------------------------- acceptance
+
+
+def test_acceptance_calibration_beats_raw_probability():
+    import random
+
+    rng = random.Random(0)
+    model = AcceptanceModel()
+    for step in range(600):  # the draft is overconfident: true acceptance is q^2
+        q = [rng.random() for _ in range(3)]
+        accepted = 0
+        while accepted < 3 and rng.random() < q[accepted] ** 2:
+            accepted += 1
+        model.observe(f"r{step % 7}", q, accepted)
+    rep = model.report()
+    assert rep["ours"]["ece"] < rep["raw_draft_probability"]["ece"] / 2
+    assert rep["ours"]["brier"] < rep["raw_draft_probability"]["brier"]
+    curve = [model.calibrated(q / 20) for q in range(21)]
+    assert all(b >= a for a, b in zip(curve, curve[1:], strict=False))
+    assert model.calibrated(0.5) == pytest.approx(0.25, abs=0.08)
+
+
+def test_request_history_follows_the_request():
+    model = AcceptanceModel()
+    for _ in range(10):
+        model.observe("stubborn", [0.9, 0.9], 0)  # always rejected at once
+        model.observe("easy", [0.9, 0.9], 2)
+    assert model.predict("stubborn", 0.9, 0) < 0.5 < model.predict("easy", 0.9, 0)
+    assert model.predict_unseen("stubborn", 0) < 0.3 < model.predict_unseen("easy", 0)
+    model.forget_except(["easy"])
+    assert "stubborn" not in model.requests  # finished requests are forgotten
+
+
+# ---------------------------------------------------------------------------------- in the engine
+
+PROMPTS = ["def add(a, b):", "class Point:", "for i in range(10):", "import os\nimport sys",
+           "    self.x = x", "print(", "if __name__ == '__main__':", "return a + b"]
+# A cheap draft: the adaptive policies speculate, so their ragged paths run (frozen: no correction).
+CHEAP_DRAFT = dict(draft_step=0.05 * MS, verify_step=5 * MS, verify_per_token=0.05 * MS)
+
+
+def greedy(n=24):
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def make_llm(pair, policy, k=6, **kw):
+    target, draft, _ = pair
+    kw.setdefault("dtype", torch.float64)
+    kw.setdefault("max_model_len", 128)
+    return LLM(model=target, draft_model=draft, policy=policy, num_speculative_tokens=k, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair):
+    return [o.token_ids for o in make_llm(tiny_pair, "none").generate(PROMPTS, greedy())]
+
+
+@pytest.mark.parametrize("name", ["threshold", "smartspec", "adaspec", "adaspec-drafter", "adaspec-noslo"])
+def test_every_policy_is_lossless(tiny_pair, reference, name):
+    pol = make_policy(name, 6, CostModel.linear(**CHEAP_DRAFT))
+    spec = make_llm(tiny_pair, pol, slo_tpot_ms=50.0)
+    outs = spec.generate(PROMPTS, greedy())
+    assert [o.token_ids for o in outs] == reference
+    assert sum(o.spec_stats["drafted"] for o in outs) > 0
+    records = list(pol.log.records)
+    assert records and all("outcome" in r and r["phases"] for r in records)
+    for r in records:  # no decision beyond K, the cap or the budget; what ran is what was chosen
+        caps = [q["cap"] for q in r["requests"]]
+        assert all(d <= min(c, 6) for d, c in zip(r["outcome"]["drafted"], caps, strict=True))
+
+
+def test_drafter_stops_requests_on_their_own(tiny_pair, reference):
+    """Per-token costs make the drafter weigh each request's history (deterministic: the cost model
+    is frozen and the drafter ignores time)."""
+    cost = CostModel.linear(draft_step=0.2 * MS, draft_per_row=0.1 * MS, verify_step=5 * MS,
+                            verify_per_token=0.05 * MS, padded=False)
+    spec = make_llm(tiny_pair, make_policy("adaspec-drafter", 6, cost))
+    assert [o.token_ids for o in spec.generate(PROMPTS, greedy())] == reference
+    recs = [r for r in spec.engine.telemetry if r.kind == "decode"]
+    # same budget, different lengths: the drafter stopped some requests while others went on
+    assert any(len({d for d, p in zip(r.drafted, r.planned, strict=True) if p == max(r.planned)}) > 1
+               for r in recs)
+
+
+def test_decisions_respect_budget_and_are_logged(tiny_pair, reference, tmp_path):
+    pol = make_policy("adaspec", 6, CostModel.linear(**CHEAP_DRAFT))
+    spec = make_llm(tiny_pair, pol, max_num_batched_tokens=30)  # 8 requests x (6+1) would be 56
+    outs = spec.generate(PROMPTS, greedy())
+    assert [o.token_ids for o in outs] == reference
+    recs = [r for r in spec.engine.telemetry if r.kind == "decode"]
+    assert all(sum(r.planned) + len(r.planned) <= 30 for r in recs)
+    pol.log.to_jsonl(tmp_path / "d.jsonl")
+    back = pol.log.read_jsonl(tmp_path / "d.jsonl")
+    assert len(back) == len(pol.log.records)
+    assert {p["phase"] for r in back for p in r["phases"]} >= {"plan", "draft", "prune"}
+    assert all(r["predicted"]["step_time"] > 0 for r in back)
+
+
+def test_calibration_on_tiny_pair_from_telemetry(tiny_pair):
+    """Our acceptance estimate is better calibrated than the draft's raw probability, measured from
+    engine telemetry (request identities recovered from it) of a static run."""
+    spec = make_llm(tiny_pair, "static:4", k=4)
+    spec.generate(PROMPTS, greedy(32))
+    steps = outcomes_from_telemetry(spec.engine.telemetry)
+    assert len({rid for s in steps for rid in s.request_ids}) == len(PROMPTS)
+    rep = measure_calibration(steps)
+    assert rep["ours"]["n"] > 100
+    assert rep["ours"]["ece"] < rep["raw_draft_probability"]["ece"]
+    assert rep["ours"]["brier"] < rep["raw_draft_probability"]["brier"]
+
+
+@pytest.mark.slow
+def test_build_engine_profiles_once_then_reuses(tiny_pair, reference, tmp_path, monkeypatch):
+    from adaspec.spec import profiler
+
+    monkeypatch.setenv("ADASPEC_CACHE_DIR", str(tmp_path))
+    spec = make_llm(tiny_pair, "adaspec", max_num_seqs=8)
+    cm = spec.engine.policy.cost_model
+    assert cm is not None and list((tmp_path / "profiles").glob("*.json"))
+    assert [o.token_ids for o in spec.generate(PROMPTS, greedy())] == reference
+    assert cm.error_report()["steps"] > 0
+    monkeypatch.setattr(profiler, "time_forwards", lambda *a, **k: pytest.fail("profiled twice"))
+    again = make_llm(tiny_pair, "smartspec", max_num_seqs=8)
+    assert again.engine.policy.cost_model.to_dict() == json.loads(json.dumps(cm.to_dict()))
