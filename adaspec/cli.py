@@ -1,4 +1,4 @@
-"""`adaspec` command line: generate, demo (and, from their modules, serve, bench, ...)."""
+"""`adaspec` command line: generate, demo (and, from their modules, serve, bench)."""
 
 from __future__ import annotations
 
@@ -72,16 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     g.set_defaults(fn=cmd_generate)
 
-    d = sub.add_parser("demo", help="each policy on the embedded pair: tokens/s, acceptance, speedup")
-    add_engine_args(d)
-    d.add_argument("--policies", default="none,static:1,static:3,static:5")
-    d.add_argument("--num-prompts", type=int, default=8)
-    d.add_argument("--max-tokens", type=int, default=96)
+    from adaspec.demo import add_demo_args
+
+    d = sub.add_parser("demo", help="the server under a bursty trace: no speculation, static k, adaspec")
+    add_demo_args(d)
     d.set_defaults(fn=cmd_demo)
 
     from adaspec.server.serve import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    from adaspec.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return ap
 
 

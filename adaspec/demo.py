@@ -1,15 +1,24 @@
-"""`adaspec demo`: the same batch of prompts through each policy, side by side.
+"""`adaspec demo`: the server under a bursty trace, with no speculation, a static k and adaspec.
 
-Runs on the embedded pair with its built-in held-out prompts, so it needs no external data.
+Runs on the embedded pair with its built-in prompts and a synthetic arrival trace (a quiet phase,
+then a burst), so it needs no external data: one `adaspec serve` process per policy, the same
+requests at the same times, then the comparison table and the report folder (plots included).
+The TPOT SLO is 1.5x the no-load TPOT measured on the first policy's warm-up requests, so it means
+the same thing on any machine.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import shlex
+import sys
 from pathlib import Path
 
 from adaspec.llm import DEFAULT_PAIR
+
+DEMO_POLICIES = "none,static:3,adaspec"
+# ~12 requests over 24 s, then ~24 in 8 s: light load, then a queue that static speculation makes worse.
+DEMO_ARRIVALS = "phases:0.5@24,3@8"
 
 
 def builtin_prompts(n: int) -> list[str]:
@@ -18,63 +27,91 @@ def builtin_prompts(n: int) -> list[str]:
     return [r["turns"][0] for r in rows[:n]]
 
 
-def run_policies(policies: list[str], prompts: list[str], max_tokens: int, engine_kwargs: dict,
-                 progress=None) -> list[dict]:
-    """Greedy generation of all prompts per policy; returns one summary row per policy."""
-    from adaspec import LLM, SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    rows, reference = [], None
-    for name in policies:
-        llm = LLM(**{**engine_kwargs, "policy": name})
-        llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - t0
-        tokens = sum(len(o.token_ids) for o in outs)
-        steps = sum(o.spec_stats["steps"] for o in outs)
-        drafted = sum(o.spec_stats["drafted"] for o in outs)
-        accepted = sum(o.spec_stats["accepted"] for o in outs)
-        ids = [o.token_ids for o in outs]
-        reference = reference or ids
-        rows.append({
-            "policy": name, "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
-            "acceptance_length": 1 + accepted / steps if steps else 1.0,
-            "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "identical_to_first": ids == reference,
-        })
-        if progress:
-            progress(rows[-1])
-    base = rows[0]["tok_per_s"]
-    for r in rows:
-        r["speedup"] = r["tok_per_s"] / base
-    return rows
+def add_demo_args(d) -> None:
+    d.add_argument("--model", help="target model directory (default: the embedded pair)")
+    d.add_argument("--draft-model", help="draft model directory")
+    d.add_argument("--policies", default=DEMO_POLICIES)
+    d.add_argument("--arrivals", default=DEMO_ARRIVALS,
+                   help="poisson:RATE, gamma:RATE:CV or phases:RATE@SECONDS,...[:CV]")
+    d.add_argument("--num-requests", type=int, help="keep only the first N requests")
+    d.add_argument("--output-len", default="fixed:48", help="eos:CAP, fixed:N or sampled:MEAN[:CV]")
+    d.add_argument("--prompts", default="builtin", help="builtin, synthetic[:N] or a Spec-Bench JSONL path")
+    d.add_argument("--slo-tpot-ms", default="auto:1.5",
+                   help="TPOT SLO in ms, or auto:F = F x the no-load TPOT of the first policy")
+    d.add_argument("--num-speculative-tokens", type=int, default=8)
+    d.add_argument("--max-model-len", type=int)
+    d.add_argument("--threads", type=int, help="server threads (default: torch's)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--quiet", action="store_true")
 
 
-def run_demo(args) -> int:
+def pair_missing(a) -> str | None:
+    if a.model:
+        return None if Path(a.model, "config.json").exists() else f"--model {a.model}: no config.json there"
+    missing = [n for n in ("target", "draft") if not (DEFAULT_PAIR / n / "config.json").exists()]
+    if missing:
+        return (f"the embedded model pair is missing ({', '.join(str(DEFAULT_PAIR / n) for n in missing)}). "
+                "Train it with `python -m adaspec.train`, or pass --model and --draft-model.")
+    return None
+
+
+def run_demo(a) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from adaspec.cli import engine_kwargs
+    from adaspec.bench.cli import tpot_slo
+    from adaspec.bench.sweep import Sweep, SweepConfig
 
     console = Console()
-    kw = engine_kwargs(args)
-    if kw["model"] is None and not (Path(DEFAULT_PAIR) / "target").exists():
-        console.print("[red]The embedded pair is missing; train it with `python -m adaspec.train`.")
+    problem = pair_missing(a)
+    if problem:
+        console.print(f"[red]adaspec demo: {problem}")
         return 1
-    prompts = builtin_prompts(args.num_prompts)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    console.print(f"{len(prompts)} held-out prompts, {args.max_tokens} tokens each (greedy), "
-                  f"batch of {len(prompts)}; policies: {', '.join(policies)}")
-    rows = run_policies(policies, prompts, args.max_tokens, kw,
-                        progress=lambda r: console.print(f"  {r['policy']}: {r['tok_per_s']:.1f} tok/s"))
-    table = Table(title="adaspec demo (embedded pair, this machine)")
-    for col in ("policy", "tokens/s", "acceptance length", "acceptance rate", "speedup vs first",
-                "same tokens"):
+    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    cfg = SweepConfig(
+        policies=policies, output_dir=a.output_dir, model=a.model, draft_model=a.draft_model,
+        num_speculative_tokens=a.num_speculative_tokens, max_model_len=a.max_model_len, threads=a.threads,
+        prompts=a.prompts, arrivals=a.arrivals, num_requests=a.num_requests, output_len=a.output_len,
+        seed=a.seed, slo_tpot_ms=tpot_slo(a.slo_tpot_ms), warmup=3, quiet=a.quiet,
+        command=shlex.join(["adaspec", *sys.argv[1:]]))
+    sweep = Sweep(cfg)
+    w = sweep.workload.description
+    console.print(f"[bold]adaspec demo[/]: {w['num_requests']} requests, {w['arrivals']}; "
+                  f"{w['output_len']}; policies {', '.join(policies)}; one server per policy")
+    try:
+        report = sweep.run()
+    except RuntimeError as exc:
+        console.print(f"[red]adaspec demo: {exc}")
+        return 1
+    texts: dict[str, dict[int, str]] = {}
+    for line in (sweep.out / "requests.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        texts.setdefault(row["policy"], {})[row["index"]] = row["text"]
+    ref = texts.get(policies[0], {})
+
+    slo = sweep.slo_tpot_ms
+    table = Table(title=f"adaspec demo: quiet phase then burst (TPOT SLO {slo:.1f} ms)" if slo
+                  else "adaspec demo: quiet phase then burst")
+    for col in ("policy", "TPOT mean / p99 (ms)", "TTFT mean / p99 (ms)", "E2E p99 (ms)", "output tok/s",
+                "SLO attainment", "accept. length", "mean draft len", f"same text as {policies[0]}"):
         table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["policy"], f"{r['tok_per_s']:.1f}", f"{r['acceptance_length']:.2f}",
-                      f"{r['acceptance_rate']:.2f}", f"{r['speedup']:.2f}x",
-                      "yes" if r["identical_to_first"] else "NO")
+    for r in sweep.runs:
+        sp, t = r["spec"], texts.get(r["policy"], {})
+        same = sum(1 for i, x in t.items() if ref.get(i) == x)
+
+        def f(v, d=1):
+            return "-" if v is None else f"{v:.{d}f}"
+
+        table.add_row(r["policy"], f"{f(r['tpot_ms']['mean'])} / {f(r['tpot_ms']['p99'])}",
+                      f"{f(r['ttft_ms']['mean'])} / {f(r['ttft_ms']['p99'])}", f(r["e2e_ms"]["p99"]),
+                      f(r["output_throughput"]), f(r["slo"]["attainment"], 2),
+                      f(sp["acceptance_length"], 2), f(sp["mean_spec_length"], 2), f"{same}/{len(t)}")
     console.print(table)
-    return 0 if all(r["identical_to_first"] for r in rows) else 1
+    failed = sum(r["failed"] for r in sweep.runs)
+    if failed:
+        console.print(f"[yellow]{failed} requests failed; see {sweep.out / 'requests.jsonl'}")
+    console.print(f"Plots: {sweep.out / 'timeline.png'} (arrivals, throughput and draft length over "
+                  f"time), {sweep.out / 'tpot_cdf.png'}, {sweep.out / 'slo_vs_level.png'}", soft_wrap=True)
+    console.print(f"Report: {report}", soft_wrap=True)
+    return 0

@@ -16,7 +16,9 @@ Three parts, each simple enough to trust:
    global rate at that position (prior 0.6, as in the paper's reference).
 
 `CalibrationScore` measures it: expected calibration error and Brier score, scored prequentially
-(each prediction before its outcome is learned), for our estimate and for the raw q.
+(each prediction before its outcome is learned), for our estimate and for the raw q;
+`measure_calibration` replays outcomes (from engine telemetry, a decision log, or a file:
+`python -m adaspec.spec.acceptance telemetry.jsonl`) through a fresh model.
 """
 
 from __future__ import annotations
@@ -250,3 +252,22 @@ def outcomes_from_telemetry(records: Iterable) -> list[_TelemetryStep]:
         prev = [(rid, c + a + 1) for rid, c, a in zip(ids, rec.context_lens, rec.accepted, strict=True)]
         out.append(_TelemetryStep(list(ids), [list(c) for c in rec.confidences], list(rec.accepted)))
     return out
+
+
+def calibration_from_jsonl(path: str) -> dict:
+    """Calibration report from a telemetry file written by `LLMEngine.export_telemetry`."""
+    import json
+    from types import SimpleNamespace
+
+    with open(path) as f:
+        records = [SimpleNamespace(**json.loads(line)) for line in f if line.strip()]
+    return measure_calibration(outcomes_from_telemetry(records))
+
+
+if __name__ == "__main__":  # python -m adaspec.spec.acceptance telemetry.jsonl
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m adaspec.spec.acceptance TELEMETRY.jsonl")
+    print(json.dumps(calibration_from_jsonl(sys.argv[1]), indent=1))

@@ -18,7 +18,7 @@ class ControlledPolicy(Policy):
     uses_draft = True
 
     def __init__(self, cost_model: CostModel | None = None, acceptance: AcceptanceModel | None = None,
-                 log_size: int = 20_000):
+                 log_size: int = 2_000):
         self.cost_model = cost_model
         self.acceptance = acceptance or AcceptanceModel()
         self.log = DecisionLog(log_size)
@@ -67,7 +67,8 @@ class ControlledPolicy(Policy):
                 self.cost_model.observe(shape, outcome.draft_time, outcome.verify_time, outcome.step_time)
         for rid, conf, acc in zip(outcome.request_ids, outcome.confidences, outcome.accepted, strict=True):
             self.acceptance.observe(rid, list(conf), int(acc))
-        self.log.finish(outcome, predicted)
+        self.log.finish(outcome, predicted,
+                        None if batch is None else [list(r.confidences) for r in batch.requests])
 
     def reset(self) -> None:
         self.acceptance.reset()

@@ -259,9 +259,12 @@ class CostModel:
     @classmethod
     def linear(cls, draft_step: float, verify_step: float, verify_per_token: float = 0.0,
                draft_per_row: float = 0.0, verify_per_row: float = 0.0, overhead_per_row: float = 0.0,
-               padded: bool = True, window: int = 0) -> CostModel:
+               padded: bool = True, window: int = 0, correction_rate: float | None = None) -> CostModel:
         """A synthetic model for tests and simulations: fixed per-forward costs plus per-row and
-        per-token terms, no context dependence; frozen unless given a correction window."""
+        per-token terms, no context dependence; frozen unless given a correction window
+        (`correction_rate`, kept for callers written against the first version: window 2/rate)."""
+        if correction_rate:
+            window = max(1, round(2 / correction_rate))
         draft = ForwardTimeModel([draft_step, draft_per_row, 0.0, 0.0, 0.0, 0.0])
         verify = ForwardTimeModel([verify_step, verify_per_row, verify_per_token, 0.0, 0.0, 0.0])
         return cls(draft, verify, overhead_per_row, padded, {"synthetic": True}, window)

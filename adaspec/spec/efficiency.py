@@ -1,7 +1,7 @@
 """The efficiency model: expected emitted tokens / predicted step time, and the SLO check.
 
-Candidates are evaluated in bulk with numpy (a planning call weighs every (depth, number of
-drafting requests) pair, which in Python loops would cost a noticeable share of a CPU step).
+Expected tokens of a request = 1 + sum over its drafted positions j of P(positions 1..j all
+accepted); step time = draft forwards + one verification forward + overhead, from the cost model.
 Every evaluator returns arrays of predicted step time T, expected tokens E and worst SLO
 violation V over its candidates; `pick` chooses among them:
 
@@ -58,7 +58,7 @@ class SLOState:
 
 def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool):
     """Index of the chosen candidate along the last axis (one per row for 2-D input)."""
-    eff = e / t
+    eff = e / np.maximum(t, 1e-12)
     if slo_aware:
         feasible = v <= 0
         least = v <= v.min(-1, keepdims=True) + 1e-9

@@ -1,0 +1,267 @@
+"""Benchmark building blocks: traces and workloads, metric formulas against hand-computed values, and
+the client's send times against a fake server (httpx MockTransport, no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from adaspec.bench.client import chunk_token_counts, run_requests
+from adaspec.bench.metrics import RequestResult, meets_slo, summarize, timeline
+from adaspec.bench.workload import BenchRequest, LengthRule, build_workload, load_trace, parse_arrivals
+
+# ------------------------------------------------------------------------------------ traces
+
+
+def write(tmp_path, text: str, name: str = "t.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_trace_loads_and_replays_shifted_scaled_and_cut(tmp_path):
+    p = write(tmp_path, "Timestamp\n10.0\n10.5\n12\n\n14.0\n")
+    assert load_trace(p) == [10.0, 10.5, 12.0, 14.0]
+    w = build_workload("synthetic:4", trace=str(p), time_scale=2.0, duration=5.0)
+    assert [r.arrival for r in w.requests] == [0.0, 1.0, 4.0]  # (t - 10) * 2, cut before 5 s
+    assert [r.arrival for r in w.at_rate_scale(2.0)] == [0.0, 0.5, 2.0]
+    raw = build_workload("synthetic:4", trace=str(p), shift_trace=False)
+    assert raw.requests[0].arrival == 10.0 and "shifted by -0" in raw.description["arrivals"]
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ("Timestamp\n1.0\n2.0\nabc\n3.0\n", "line 4", "'abc' is not a number"),
+    ("Timestamp\n1.0\n0.5\n", "line 3", "earlier than the previous"),
+    ("time\n1.0\n", "line 1", "'Timestamp' column"),
+    ("Timestamp\n1.0\n-2\n", "line 3", ">= 0"),
+    ("Timestamp\n1.0\nnan\n", "line 3", "finite"),
+    ("Timestamp,x\n1.0,a\n,b\n", "line 3", "is not a number"),
+    ("Timestamp\n", "no arrivals", ""),
+])
+def test_bad_trace_names_the_line(tmp_path, text, where, what):
+    p = write(tmp_path, text)
+    with pytest.raises(ValueError) as e:
+        load_trace(p)
+    assert str(p) in str(e.value) and where in str(e.value) and what in str(e.value)
+
+
+# ----------------------------------------------------------------------------------- workload
+
+
+def test_workload_is_seeded_and_same_across_rate_scales():
+    kw = dict(prompts="synthetic:16", arrivals="gamma:4:2", num_requests=30, output_len="sampled:40")
+    a, b, c = build_workload(**kw, seed=1), build_workload(**kw, seed=1), build_workload(**kw, seed=2)
+    assert [r.as_dict() for r in a.requests] == [r.as_dict() for r in b.requests]
+    assert [r.arrival for r in a.requests] != [r.arrival for r in c.requests]
+    fast = a.at_rate_scale(4.0)
+    assert [r.prompt for r in fast] == [r.prompt for r in a.requests]
+    assert [r.arrival * 4 for r in fast] == pytest.approx([r.arrival for r in a.requests])
+    assert all(r.ignore_eos for r in a.requests) and a.description["num_requests"] == 30
+
+
+def test_generated_arrivals_rates_and_burstiness():
+    rng = np.random.default_rng(0)
+    t, _ = parse_arrivals("poisson:5", rng, 4000, None)
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(0.2, rel=0.08) and gaps.std() / gaps.mean() == pytest.approx(1, abs=0.1)
+    t, _ = parse_arrivals("gamma:5:3", rng, 4000, None)
+    gaps = np.diff(t)
+    assert gaps.mean() == pytest.approx(0.2, rel=0.25) and gaps.std() / gaps.mean() > 2
+    t, desc = parse_arrivals("phases:1@20,10@5", rng, None, None)
+    quiet, burst = [x for x in t if x < 20], [x for x in t if x >= 20]
+    assert 10 < len(quiet) < 35 and 30 < len(burst) < 75 and max(t) < 25 and "then" in desc
+    for bad in ("poisson:0", "gamma:1", "phases:1@", "uniform:3", "poisson:x"):
+        with pytest.raises(ValueError, match="arrivals must be"):
+            parse_arrivals(bad, rng, 10, None)
+
+
+def test_output_length_rules():
+    rng = np.random.default_rng(0)
+    assert LengthRule.parse("eos:256").ignore_eos is False
+    assert LengthRule.parse("fixed:32").sample(["qa", "writing"], rng) == [32, 32]
+    rule = LengthRule.parse("sampled:100:0.3")
+    writing = rule.sample(["writing"] * 400, rng)
+    qa = rule.sample(["qa"] * 400, rng)
+    assert np.mean(writing) == pytest.approx(150, rel=0.1) and np.mean(qa) == pytest.approx(50, rel=0.1)
+    assert min(qa) >= 1 and max(writing) <= 400 and "ignore_eos=true" in rule.describe()
+    for bad in ("fixed", "fixed:0", "eos:x", "sampled:10:-1", "natural"):
+        with pytest.raises(ValueError, match="output length rule"):
+            LengthRule.parse(bad)
+
+
+def test_spec_bench_prompts_with_categories(tmp_path):
+    rows = [{"question_id": 1, "category": "qa", "turns": ["Who?"]},
+            {"question_id": 2, "category": "writing", "turns": ["Write.", "More."]}]
+    p = write(tmp_path, "\n".join(json.dumps(r) for r in rows) + "\n", "q.jsonl")
+    w = build_workload(str(p), arrivals="poisson:10", num_requests=6, output_len="sampled:20")
+    assert {r.prompt for r in w.requests} == {"Who?", "Write."}
+    assert {r.category for r in w.requests} == {"qa", "writing"}
+    bad = write(tmp_path, json.dumps(rows[0]) + "\n{\"turns\": []}\n", "bad.jsonl")
+    with pytest.raises(ValueError, match="line 2"):
+        build_workload(str(bad))
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def hand_results() -> list[RequestResult]:
+    r1 = RequestResult(0, 0.0, 0.0, success=True, output_tokens=5, prompt_tokens=7, ttft=0.1, e2e=0.5,
+                       chunk_times=[0.1, 0.2, 0.5], chunk_tokens=[1, 2, 2],
+                       spec_stats={"drafted": 6, "accepted": 3, "steps": 3, "drafted_per_position": [3, 3],
+                                   "accepted_per_position": [2, 1]})
+    r2 = RequestResult(1, 0.5, 0.5, success=True, output_tokens=1, prompt_tokens=3, ttft=0.2, e2e=0.25,
+                       chunk_times=[0.2], chunk_tokens=[1],
+                       spec_stats={"drafted": 0, "accepted": 0, "steps": 1, "drafted_per_position": [],
+                                   "accepted_per_position": []})
+    r3 = RequestResult(2, 1.0, 1.01, success=False, error="HTTP 503: overloaded")
+    return [r1, r2, r3]
+
+
+def test_metric_formulas_hand_computed():
+    r1, r2, r3 = hand_results()
+    assert r1.tpot == pytest.approx(0.1)  # (0.5 - 0.1) / (5 - 1)
+    assert r2.tpot is None and r3.tpot is None  # 1 token; failed
+    assert r1.itl == pytest.approx([0.1, 0.3])
+    assert r1.itl_per_token == pytest.approx([0.05, 0.05, 0.15, 0.15])
+    s = summarize([r1, r2, r3], duration=2.0, ttft_slo_ms=150, tpot_slo_ms=150)
+    assert (s["completed"], s["failed"], s["total_output_tokens"]) == (2, 1, 6)
+    assert s["output_throughput"] == pytest.approx(3.0) and s["request_throughput"] == pytest.approx(1.0)
+    assert s["ttft_ms"]["mean"] == pytest.approx(150) and s["ttft_ms"]["p99"] == pytest.approx(199)
+    assert s["tpot_ms"] == pytest.approx({"mean": 100, "median": 100, "p90": 100, "p99": 100})
+    assert s["e2e_ms"]["mean"] == pytest.approx(375) and s["e2e_ms"]["median"] == pytest.approx(375)
+    assert s["itl_ms"]["mean"] == pytest.approx(200) and s["itl_per_token_ms"]["mean"] == pytest.approx(100)
+    # r1 meets both; r2's TTFT 200 ms misses; the failed r3 misses
+    assert s["slo"]["attainment"] == pytest.approx(1 / 3) and s["slo"]["goodput"] == pytest.approx(0.5)
+    assert s["send_lag_ms"]["max"] == pytest.approx(10)
+    sp = s["spec"]
+    assert sp["acceptance_rate"] == pytest.approx(0.5) and sp["acceptance_length"] == pytest.approx(1.75)
+    assert sp["acceptance_rate_per_request"] == pytest.approx(0.5)  # r2 drafted nothing: no rate
+    assert sp["acceptance_length_per_request"] == pytest.approx(1.5)  # mean of 2.0 and 1.0
+    assert sp["mean_spec_length"] == pytest.approx(1.5)
+    assert sp["acceptance_per_position"] == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_slo_one_token_outputs_and_failures():
+    r1, r2, r3 = hand_results()
+    # TPOT-only SLO of 50 ms: r1 (100 ms) misses, the 1-token r2 counts as TPOT 0 and meets it
+    assert [meets_slo(r, None, 0.05) for r in (r1, r2, r3)] == [False, True, False]
+    s = summarize([r1, r2, r3], 2.0, tpot_slo_ms=50)
+    assert s["slo"]["attainment"] == pytest.approx(1 / 3) and s["slo"]["met"] == 1
+    nos = summarize([r1, r2, r3], 2.0)
+    assert nos["slo"]["attainment"] is None and nos["slo"]["goodput"] is None
+    only_failed = summarize([r3], 1.0, tpot_slo_ms=1000)
+    assert only_failed["slo"]["attainment"] == 0 and only_failed["tpot_ms"]["mean"] is None
+
+
+def test_timeline_and_chunk_token_estimates():
+    r1, r2, r3 = hand_results()
+    tl = timeline([r1, r2, r3], duration=2.0, bin_s=1.0)
+    assert tl["arrival_rate"] == [2.0, 1.0]  # scheduled at 0, 0.5 | 1.0
+    assert tl["output_throughput"] == [6.0, 0.0]  # all chunks land before 1 s
+    assert chunk_token_counts(["ab", "c", "def"], 12) == pytest.approx([4, 2, 6])
+    assert chunk_token_counts([], 0) == []
+
+
+# ------------------------------------------------------------------------- client vs fake server
+
+
+def fake_server(log: list, stream_s: float = 0.4, fail_index: int | None = None):
+    """An OpenAI-style streaming endpoint: records when each request arrived (perf_counter) and
+    streams 'a', 'bc' then a finish chunk with spec_stats, usage and [DONE] over `stream_s`."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "fake", "max_model_len": 512, "policy": "p"}]})
+        if request.url.path != "/v1/completions":
+            return httpx.Response(404, json={"error": {"message": "no"}})
+        body = json.loads(request.content)
+        log.append((time.perf_counter(), body))
+        if body["prompt"] == f"p{fail_index}":
+            return httpx.Response(503, json={"error": {"message": "overloaded"}})
+
+        async def events():
+            def ev(d):
+                return f"data: {json.dumps(d)}\n\n".encode()
+            await asyncio.sleep(stream_s / 4)
+            yield ev({"choices": [{"text": "a", "finish_reason": None}]})
+            await asyncio.sleep(stream_s / 4)
+            yield ev({"choices": [{"text": "bc", "finish_reason": None}]})
+            await asyncio.sleep(stream_s / 2)
+            yield ev({"choices": [{"text": "", "finish_reason": "length"}],
+                      "spec_stats": {"drafted": 2, "accepted": 1, "steps": 2}, "slo": {"met": True}})
+            yield ev({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}})
+            yield b"data: [DONE]\n\n"
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+
+    return httpx.MockTransport(handler)
+
+
+def reqs(arrivals):
+    return [BenchRequest(i, f"p{i}", "c", 3, True, t) for i, t in enumerate(arrivals)]
+
+
+def test_open_loop_sends_at_arrival_times_regardless_of_earlier_requests():
+    log: list = []
+    arrivals = [0.0, 0.15, 0.15, 0.4, 0.7]  # every response takes 0.4 s: several overlap
+    t0 = time.perf_counter()
+    out = asyncio.run(run_requests("http://fake", reqs(arrivals), tpot_slo_ms=80, scrape=False,
+                                   transport=fake_server(log, fail_index=3)))
+    start = log[0][0]
+    sent = sorted(t - start for t, _ in log)
+    assert sent == pytest.approx(arrivals, abs=0.05)
+    assert start - t0 < 0.5
+    assert all(b["stream"] and b["ignore_eos"] and b["slo"] == {"tpot_ms": 80} for _, b in log)
+    res = out["results"]
+    assert [r.success for r in res] == [True, True, True, False, True]
+    assert "HTTP 503" in res[3].error
+    ok = res[0]
+    assert ok.output_tokens == 3 and ok.text == "abc" and ok.spec_stats["drafted"] == 2
+    assert ok.ttft == pytest.approx(0.1, abs=0.05) and ok.e2e == pytest.approx(0.4, abs=0.08)
+    assert ok.tpot == pytest.approx((ok.e2e - ok.ttft) / 2)
+    assert ok.chunk_tokens == pytest.approx([1, 2])
+    assert max(r.sent - r.scheduled for r in res) < 0.05
+    s = summarize(res, out["duration"], tpot_slo_ms=1000)
+    assert s["failed"] == 1 and s["slo"]["attainment"] == pytest.approx(0.8)
+    assert out["duration"] == pytest.approx(0.7 + 0.4, abs=0.15)
+
+
+def test_closed_loop_keeps_concurrency():
+    log: list = []
+    out = asyncio.run(run_requests("http://fake", reqs([5.0] * 4), mode="closed", concurrency=2,
+                                   scrape=False, transport=fake_server(log, stream_s=0.3)))
+    sent = sorted(t - log[0][0] for t, _ in log)
+    # arrival times are ignored; two at once, the next two when those finish
+    assert sent[:2] == pytest.approx([0, 0], abs=0.05) and sent[2:] == pytest.approx([0.3, 0.3], abs=0.08)
+    assert all(r.success for r in out["results"])
+    with pytest.raises(ValueError):
+        asyncio.run(run_requests("http://fake", reqs([0]), mode="closed", concurrency=0, scrape=False,
+                                 transport=fake_server([])))
+
+
+def test_demo_reports_a_missing_pair(monkeypatch, tmp_path, capsys):
+    import adaspec.demo as demo
+    from adaspec.cli import build_parser
+
+    assert len(demo.builtin_prompts(3)) == 3 and all(isinstance(p, str) for p in demo.builtin_prompts(3))
+    monkeypatch.setattr(demo, "DEFAULT_PAIR", tmp_path)
+    args = build_parser().parse_args(["demo"])
+    assert demo.run_demo(args) == 1
+    assert "embedded model pair is missing" in capsys.readouterr().out
+
+
+def test_bench_cli_rejects_bad_levels_and_slo(capsys):
+    from adaspec.cli import build_parser
+
+    p = build_parser()
+    for argv in (["bench", "sweep", "--rate-scale", "0,1"], ["bench", "sweep", "--slo-tpot-ms", "auto:x"],
+                 ["bench", "sweep", "--concurrency", "1.5"], ["bench", "run"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+    a = p.parse_args(["bench", "sweep", "--rate-scale", "0.5,1,2", "--slo-tpot-ms", "auto:2"])
+    assert a.rate_scale == [0.5, 1.0, 2.0] and a.slo_tpot_ms == "auto:2"
