@@ -32,6 +32,7 @@ class StepRecord:
     batch_size: int
     num_waiting: int
     context_lens: list[int]
+    request_ids: list[str] = field(default_factory=list)
     planned: list[int] = field(default_factory=list)  # policy's draft budgets
     drafted: list[int] = field(default_factory=list)  # verified draft tokens per request
     accepted: list[int] = field(default_factory=list)
@@ -156,7 +157,7 @@ class LLMEngine:
             self._emit(s, [self._sample_one(logits[i], s)])
         self.telemetry.append(StepRecord(
             "prefill", start, len(seqs), self.num_waiting, [s.num_prompt_tokens for s in seqs],
-            draft_time=draft_time, verify_time=self.target.last_time,
+            [s.request_id for s in seqs], draft_time=draft_time, verify_time=self.target.last_time,
             step_time=time.perf_counter() - start))
         return seqs
 
@@ -249,7 +250,8 @@ class LLMEngine:
             [s.request_id for s in seqs], [v.context_len for v in views], lengths, accepted,
             confidences, draft_steps, draft_time, self.target.last_time, step_time))
         self.telemetry.append(StepRecord(
-            "decode", start, len(seqs), self.num_waiting, [v.context_len for v in views], planned,
+            "decode", start, len(seqs), self.num_waiting, [v.context_len for v in views],
+            [s.request_id for s in seqs], planned,
             lengths, accepted, confidences, draft_steps, draft_time, self.target.last_time,
             step_time))
         return seqs

@@ -227,31 +227,10 @@ class _TelemetryStep:
 
 
 def outcomes_from_telemetry(records: Iterable) -> list[_TelemetryStep]:
-    """Decode-step outcomes from engine `StepRecord`s, with request identities recovered.
-
-    Records without `request_ids` are chained: the engine keeps running requests in order, and a
-    request whose context was c and accepted a tokens has context c + a + 1 at its next step."""
-    out: list[_TelemetryStep] = []
-    prev: list[tuple[str, int]] = []  # (id, expected next context)
-    fresh = 0
-    for rec in records:
-        if rec.kind != "decode":
-            continue
-        ids = getattr(rec, "request_ids", None)
-        if ids is None:
-            ids, p = [], 0
-            for ctx in rec.context_lens:
-                while p < len(prev) and prev[p][1] != ctx:
-                    p += 1  # that request finished
-                if p < len(prev):
-                    ids.append(prev[p][0])
-                    p += 1
-                else:
-                    ids.append(f"t{fresh}")
-                    fresh += 1
-        prev = [(rid, c + a + 1) for rid, c, a in zip(ids, rec.context_lens, rec.accepted, strict=True)]
-        out.append(_TelemetryStep(list(ids), [list(c) for c in rec.confidences], list(rec.accepted)))
-    return out
+    """Decode-step outcomes (request ids, verified tokens' confidences, accepted counts) from
+    engine `StepRecord`s or their JSON form."""
+    return [_TelemetryStep(list(rec.request_ids), [list(c) for c in rec.confidences], list(rec.accepted))
+            for rec in records if rec.kind == "decode"]
 
 
 def calibration_from_jsonl(path: str) -> dict:
