@@ -17,8 +17,8 @@ from pathlib import Path
 from adaspec.llm import DEFAULT_PAIR
 
 DEMO_POLICIES = "none,static:3,adaspec"
-# ~12 requests over 24 s, then ~24 in 8 s: light load, then a queue that static speculation makes worse.
-DEMO_ARRIVALS = "phases:0.5@24,3@8"
+# ~12 requests over 24 s, then ~28 in 8 s: light load, then a burst that builds a queue.
+DEMO_ARRIVALS = "phases:0.5@24,3.5@8"
 
 
 def builtin_prompts(n: int) -> list[str]:
@@ -28,6 +28,8 @@ def builtin_prompts(n: int) -> list[str]:
 
 
 def add_demo_args(d) -> None:
+    from adaspec.bench.cli import tpot_slo
+
     d.add_argument("--model", help="target model directory (default: the embedded pair)")
     d.add_argument("--draft-model", help="draft model directory")
     d.add_argument("--policies", default=DEMO_POLICIES)
@@ -36,7 +38,7 @@ def add_demo_args(d) -> None:
     d.add_argument("--num-requests", type=int, help="keep only the first N requests")
     d.add_argument("--output-len", default="fixed:48", help="eos:CAP, fixed:N or sampled:MEAN[:CV]")
     d.add_argument("--prompts", default="builtin", help="builtin, synthetic[:N] or a Spec-Bench JSONL path")
-    d.add_argument("--slo-tpot-ms", default="auto:1.5",
+    d.add_argument("--slo-tpot-ms", default="auto:1.5", type=tpot_slo,
                    help="TPOT SLO in ms, or auto:F = F x the no-load TPOT of the first policy")
     d.add_argument("--num-speculative-tokens", type=int, default=8)
     d.add_argument("--max-model-len", type=int)
@@ -57,10 +59,10 @@ def pair_missing(a) -> str | None:
 
 
 def run_demo(a) -> int:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    from adaspec.bench.cli import tpot_slo
     from adaspec.bench.sweep import Sweep, SweepConfig
 
     console = Console()
@@ -73,7 +75,7 @@ def run_demo(a) -> int:
         policies=policies, output_dir=a.output_dir, model=a.model, draft_model=a.draft_model,
         num_speculative_tokens=a.num_speculative_tokens, max_model_len=a.max_model_len, threads=a.threads,
         prompts=a.prompts, arrivals=a.arrivals, num_requests=a.num_requests, output_len=a.output_len,
-        seed=a.seed, slo_tpot_ms=tpot_slo(a.slo_tpot_ms), warmup=3, quiet=a.quiet,
+        seed=a.seed, slo_tpot_ms=a.slo_tpot_ms, warmup=3, quiet=a.quiet,
         command=shlex.join(["adaspec", *sys.argv[1:]]))
     sweep = Sweep(cfg)
     w = sweep.workload.description
@@ -91,27 +93,32 @@ def run_demo(a) -> int:
     ref = texts.get(policies[0], {})
 
     slo = sweep.slo_tpot_ms
-    table = Table(title=f"adaspec demo: quiet phase then burst (TPOT SLO {slo:.1f} ms)" if slo
-                  else "adaspec demo: quiet phase then burst")
-    for col in ("policy", "TPOT mean / p99 (ms)", "TTFT mean / p99 (ms)", "E2E p99 (ms)", "output tok/s",
-                "SLO attainment", "accept. length", "mean draft len", f"same text as {policies[0]}"):
-        table.add_column(col, justify="right")
+    title = "adaspec demo: quiet phase, then a burst" + (f"; TPOT SLO {slo:.1f} ms" if slo else "")
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    for col in ("policy", "TPOT\nmean ms", "TPOT\np99 ms", "TTFT\np99 ms", "output\ntok/s", "SLO\nmet",
+                "accept\nlength", "draft\nlength"):
+        table.add_column(col, justify="right", min_width=max(map(len, policies)) if col == "policy" else None)
+
+    def f(v, d=1):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    same = []
     for r in sweep.runs:
         sp, t = r["spec"], texts.get(r["policy"], {})
-        same = sum(1 for i, x in t.items() if ref.get(i) == x)
-
-        def f(v, d=1):
-            return "-" if v is None else f"{v:.{d}f}"
-
-        table.add_row(r["policy"], f"{f(r['tpot_ms']['mean'])} / {f(r['tpot_ms']['p99'])}",
-                      f"{f(r['ttft_ms']['mean'])} / {f(r['ttft_ms']['p99'])}", f(r["e2e_ms"]["p99"]),
-                      f(r["output_throughput"]), f(r["slo"]["attainment"], 2),
-                      f(sp["acceptance_length"], 2), f(sp["mean_spec_length"], 2), f"{same}/{len(t)}")
+        same.append(f"{r['policy']} {sum(1 for i, x in t.items() if ref.get(i) == x)}/{len(t)}")
+        table.add_row(r["policy"], f(r["tpot_ms"]["mean"]), f(r["tpot_ms"]["p99"]), f(r["ttft_ms"]["p99"]),
+                      f(r["output_throughput"]), f(r["slo"]["attainment"], 2), f(sp["acceptance_length"], 2),
+                      f(sp["mean_spec_length"], 2))
     console.print(table)
+    console.print(f"Requests with the same greedy output as {policies[0]}: " + ", ".join(same))
     failed = sum(r["failed"] for r in sweep.runs)
     if failed:
         console.print(f"[yellow]{failed} requests failed; see {sweep.out / 'requests.jsonl'}")
     console.print(f"Plots: {sweep.out / 'timeline.png'} (arrivals, throughput and draft length over "
                   f"time), {sweep.out / 'tpot_cdf.png'}, {sweep.out / 'slo_vs_level.png'}", soft_wrap=True)
     console.print(f"Report: {report}", soft_wrap=True)
+    if sweep.failed_policies:
+        console.print(f"[red]No results for {', '.join(sweep.failed_policies)}: the server did not start "
+                      f"(see {sweep.out}/server-*.log)")
+        return 1
     return 0

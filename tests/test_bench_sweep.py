@@ -20,39 +20,41 @@ def test_sweep_two_policies_writes_report(tiny_pair, tmp_path):
     trace = tmp_path / "trace.csv"
     trace.write_text("Timestamp\n3.0\n3.1\n3.3\n3.35\n9.0\n")
     out = tmp_path / "res"
-    rc = main(["bench", "sweep", "--policies", "none,static:2", "--model", str(target), "--draft-model",
-               str(draft), *SERVER, "--prompts", "synthetic:4", "--trace", str(trace), "--duration", "2",
-               "--rate-scale", "1,2", "--output-len", "fixed:6", "--slo-tpot-ms", "auto:2", "--warmup", "1",
-               "--output-dir", str(out), "--quiet"])
-    assert rc == 0
+    rc = main(["bench", "sweep", "--policies", "none,static:9,static:2", "--model", str(target),
+               "--draft-model", str(draft), *SERVER, "--prompts", "synthetic:4", "--trace", str(trace),
+               "--duration", "2", "--rate-scale", "0.5,1", "--output-len", "fixed:6",
+               "--slo-tpot-ms", "auto:2", "--warmup", "1", "--output-dir", str(out), "--quiet"])
+    assert rc == 1  # static:9 (k > K) could not start; the other two still ran and are reported
     for name in ("report.md", "summary.json", "summary.csv", "requests.jsonl", "tpot_cdf.png",
-                 "slo_vs_level.png", "timeline.png", "server-none.log", "server-static-2.log"):
+                 "slo_vs_level.png", "timeline.png", "server-none.log", "server-static-2.log",
+                 "server-static-9.log"):
         assert (out / name).stat().st_size > 0, name
     rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4  # policies x rate scales x requests (the 9 s arrival is cut)
     assert all(r["success"] and r["output_tokens"] == 6 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     meta, runs = summary["meta"], summary["runs"]
-    assert [(r["policy"], r["level"]) for r in runs] == [("none", 1.0), ("none", 2.0), ("static:2", 1.0),
-                                                         ("static:2", 2.0)]
+    assert [(r["policy"], r["level"]) for r in runs] == [("none", 0.5), ("none", 1.0), ("static:2", 0.5),
+                                                         ("static:2", 1.0)]
     assert all(r["server_policy"] == r["policy"] for r in runs)
     assert meta["slo"]["tpot_ms"] > 0 and meta["server_threads"] == 1
     assert meta["workload"]["num_requests"] == 4 and "time scale 1.0" in meta["workload"]["arrivals"]
     assert meta["models"]["target"]["path"] == str(target) and meta["adaspec_version"]
     assert meta["policies"]["static:2"]["k"] == 2
+    assert list(meta["failed_policies"]) == ["static:9"]  # k > K: its server exits, the sweep goes on
     none, static = runs[0], runs[2]
     assert none["spec"]["drafted"] == 0 and static["spec"]["drafted"] > 0
     assert 1.0 <= static["spec"]["acceptance_length"] <= 3.0
     assert 0 <= static["slo"]["attainment"] <= 1 and none["completed"] == 4
-    # rate scale 2 halves the arrival gaps of the same requests
+    # rate scale 0.5 doubles the arrival gaps of the same requests
     by = {(r["policy"], r["level"], r["index"]): r for r in rows}
-    assert by[("none", 2.0, 3)]["scheduled"] == pytest.approx(by[("none", 1.0, 3)]["scheduled"] / 2)
+    assert by[("none", 0.5, 3)]["scheduled"] == pytest.approx(by[("none", 1.0, 3)]["scheduled"] * 2)
     with (out / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [t["policy"] for t in table] == ["none", "none", "static:2", "static:2"]
     report = (out / "report.md").read_text()
     for text in ("fixed 6 tokens per request (ignore_eos=true)", "commit", "![TPOT CDF", "rate scale",
-                 str(trace), "| static:2 | 2 |"):
+                 str(trace), "| static:2 | 0.5 |", "did not start"):
         assert text in report, text
 
 
@@ -65,5 +67,33 @@ def test_demo_on_tiny_pair(tiny_pair, tmp_path, capsys):
                "--output-dir", str(tmp_path / "demo"), "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "TPOT SLO" in out and "5/5" in out and "timeline.png" in out
+    assert "TPOT SLO" in out and "none 5/5" in out and "timeline.png" in out
     assert (tmp_path / "demo" / "timeline.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_run_against_a_running_server(tiny_pair, tmp_path):
+    """`bench run` on an in-process server: the client's latencies bound the server's own."""
+    from adaspec.llm import build_engine
+    from adaspec.server import create_app
+    from adaspec.server.serve import serve_in_thread
+
+    target, draft, _ = tiny_pair
+    eng = build_engine(str(target), str(draft), policy="static:2", num_speculative_tokens=4, max_num_seqs=4,
+                       max_model_len=128)
+    out = tmp_path / "run"
+    with serve_in_thread(create_app(eng, ["tiny"])) as url:
+        rc = main(["bench", "run", "--base-url", url, "--model", str(target), "--mode", "closed",
+                   "--concurrency", "2", "--prompts", "synthetic:4", "--num-requests", "4", "--output-len",
+                   "fixed:5", "--slo-tpot-ms", "60000", "--warmup", "0", "--output-dir", str(out), "--quiet"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["policy"] == "static:2" and r["success"] for r in rows)
+    for r in rows:
+        srv = r["server_slo"]
+        assert r["ttft"] * 1e3 >= srv["measured_ttft_ms"] and r["e2e"] * 1e3 >= srv["measured_e2e_ms"]
+        assert srv["tpot_ms"] == 60000 and srv["met"] is True
+        assert r["spec_stats"]["steps"] >= 1 and sum(r["chunk_tokens"]) == pytest.approx(5)
+    run = json.loads((out / "summary.json").read_text())["runs"][0]
+    assert run["slo"]["attainment"] == 1.0 and run["completed"] == 4
+    assert "already running at" in (out / "report.md").read_text()

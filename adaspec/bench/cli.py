@@ -103,6 +103,10 @@ def finish(cfg) -> int:
     failed = sum(r["failed"] for r in sweep.runs)
     if failed:
         print(f"warning: {failed} requests failed (see requests.jsonl)", file=sys.stderr)
+    if sweep.failed_policies:
+        print(f"error: no results for {', '.join(sweep.failed_policies)}: the server did not start "
+              "(see server-*.log)", file=sys.stderr)
+        return 1
     return 0
 
 

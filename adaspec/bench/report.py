@@ -87,6 +87,7 @@ def collect_meta(sweep) -> dict:
         "level_name": "rate scale" if c.mode == "open" else "concurrency",
         "slo": {"ttft_ms": c.slo_ttft_ms, "tpot_ms": sweep.slo_tpot_ms, "tpot_spec": c.slo_tpot_ms,
                 "note": sweep.slo_note},
+        "failed_policies": sweep.failed_policies,
         "temperature": c.temperature, "max_prompt_tokens": c.max_prompt_tokens, "warmup": c.warmup,
         "prompt_tokenizer": "client-side (token ids sent)" if sweep.tokenizer is not None else "none (text)",
     }
@@ -209,14 +210,19 @@ def markdown(meta: dict, runs: list[dict], plots: list[tuple[str, str]]) -> str:
              f"({meta['machine']['platform']}, torch {meta['machine']['torch']}); "
              f"server threads: {meta['server_threads']}",
              f"- Models: target {m['target']}; draft {m['draft']}",
-             f"- Server: K={sv['num_speculative_tokens']}, max_num_seqs={sv['max_num_seqs']}, "
-             f"max_model_len={sv['max_model_len']}, dtype={sv['dtype']}, extra args {sv['extra_args']}",
+             (f"- Server: already running at {sv['base_url']} (its flags are not known here): {sv['served']}"
+              if sv["base_url"] else
+              f"- Server: K={sv['num_speculative_tokens']}, max_num_seqs={sv['max_num_seqs']}, "
+              f"max_model_len={sv['max_model_len']}, dtype={sv['dtype']}, extra args {sv['extra_args']}"),
              "- Policies: " + "; ".join(f"`{p}` {v}" for p, v in meta["policies"].items()),
-             f"- Prompts: {w['prompts']}; {w['num_requests']} requests, seed {w['seed']}",
-             f"- Arrivals: {w['arrivals']}; duration cut {w['duration_cut_s']}; "
-             f"{'open loop' if meta['mode'] == 'open' else 'closed loop'}, "
-             f"{meta['level_name']} {', '.join(f'{x:g}' for x in meta['levels'])}",
-             f"- Output length: {w['output_len']} (mean {w['mean_output_tokens']:.1f} tokens); "
+             f"- Prompts: {w['prompts']}; {w['num_requests']} requests, seed {w['seed']}"
+             + (f"; sha256 {w['prompts_sha256']}" if w.get("prompts_sha256") else ""),
+             (f"- Arrivals: {w['arrivals']}"
+              + (f" (sha256 {w['trace_sha256']})" if w.get("trace_sha256") else "")
+              + f"; duration cut {w['duration_cut_s']}; open loop, "
+              if meta["mode"] == "open" else "- Closed loop (arrival times unused), ")
+             + f"{meta['level_name']} {', '.join(f'{x:g}' for x in meta['levels'])}",
+             f"- Output length: {w['output_len']} (mean max_tokens {w['mean_output_tokens']:.1f}); "
              f"temperature {meta['temperature']}; prompts: {meta['prompt_tokenizer']}, "
              f"max prompt tokens {meta['max_prompt_tokens']}",
              f"- SLO: TTFT {s['ttft_ms']} ms, TPOT {fmt(s['tpot_ms'], 2)} ms {s['note']}",
@@ -239,6 +245,9 @@ def markdown(meta: dict, runs: list[dict], plots: list[tuple[str, str]]) -> str:
             f"{g('spec.acceptance_rate', 3)} / {g('spec.acceptance_rate_per_request', 3)} | "
             f"{g('spec.acceptance_length', 2)} / {g('spec.acceptance_length_per_request', 2)} | "
             f"{g('spec.mean_spec_length', 2)} |")
+    if meta["failed_policies"]:
+        lines += ["", "Policies whose server did not start: "
+                  + "; ".join(f"`{p}`: {e}" for p, e in meta["failed_policies"].items())]
     errs = sorted({e for r in runs for e in r["errors"]})
     if errs:
         lines += ["", "Errors seen (first few): " + "; ".join(f"`{e}`" for e in errs[:5])]

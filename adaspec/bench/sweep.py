@@ -67,6 +67,15 @@ class SweepConfig:
         return list(self.rate_scales) if self.mode == "open" else [float(c) for c in self.concurrencies]
 
 
+def needs_profile(policy: str) -> bool:
+    from adaspec.spec.policy import make_policy
+
+    try:
+        return bool(make_policy(policy, 64).needs_cost_model)
+    except ValueError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,7 +95,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "adaspec.cli", "serve", "--policy", self.policy, "--host", "127.0.0.1",
                "--port", str(port), "--num-speculative-tokens", str(c.num_speculative_tokens),
                "--max-num-seqs", str(c.max_num_seqs), "--dtype", c.dtype, "--seed", str(c.seed),
-               "--log-level", "warning"]
+               "--log-level", "info"]
         if c.model:
             cmd += ["--model", c.model] + (["--draft-model", c.draft_model] if c.draft_model else [])
         if c.max_model_len:
@@ -183,6 +192,9 @@ class Sweep:
         self.auto_slo = isinstance(cfg.slo_tpot_ms, str)  # resolved on the first policy's warm-up
         self.slo_tpot_ms = None if self.auto_slo else cfg.slo_tpot_ms
         self.slo_note = ""
+        if self.auto_slo and cfg.warmup < 1:
+            raise ValueError("--slo-tpot-ms auto needs --warmup >= 1")
+        self.failed_policies: dict[str, str] = {}
         from rich.console import Console
 
         self.console = Console(quiet=cfg.quiet, stderr=True)
@@ -216,15 +228,13 @@ class Sweep:
                 self.slo_tpot_ms = resolve_auto_slo(c.slo_tpot_ms, warm["results"])
                 self.slo_note = (f"(from {c.slo_tpot_ms}: the factor x the median TPOT of {c.warmup} "
                                  f"sequential warm-up requests under policy {policy})")
-        elif self.auto_slo:
-            raise ValueError("--slo-tpot-ms auto needs --warmup >= 1")
         with (self.out / "requests.jsonl").open("a") as f:
             for level in c.levels:
                 if c.mode == "open":
                     reqs, label = self.workload.at_rate_scale(level), f"{policy} rate x{level:g}"
                 else:
                     reqs, label = self.workload.requests, f"{policy} concurrency {int(level)}"
-                res = self._run(url, reqs, c.mode, int(level), label)
+                res = self._run(url, reqs, c.mode, int(level) if c.mode == "closed" else 1, label)
                 self.servers.setdefault(policy, res["server"])
                 s = summarize(res["results"], res["duration"], c.slo_ttft_ms, self.slo_tpot_ms)
                 s.update(policy=policy, level=level, mode=c.mode, server_policy=res["server"]["policy"],
@@ -241,12 +251,18 @@ class Sweep:
                 self.run_policy(policy, self.cfg.base_url.rstrip("/"))
                 continue
             self.console.print(f"[bold]{policy}[/]: starting the server (model load"
-                               f"{', start-up profile' if policy not in ('none',) else ''}) ...")
+                               f"{', start-up profile' if needs_profile(policy) else ''}) ...")
             t = time.monotonic()
             log = self.out / f"server-{policy.replace(':', '-')}.log"
-            with ServerProcess(self.cfg, policy, log) as url:
-                self.console.print(f"  ready in {time.monotonic() - t:.0f} s at {url}")
-                self.run_policy(policy, url)
+            try:
+                with ServerProcess(self.cfg, policy, log) as url:
+                    self.console.print(f"  ready in {time.monotonic() - t:.0f} s at {url}")
+                    self.run_policy(policy, url)
+            except RuntimeError as exc:  # one policy's server failing must not lose the others' runs
+                self.console.print(f"[red]{exc}")
+                self.failed_policies[policy] = str(exc).splitlines()[0]
+        if not self.runs:
+            raise RuntimeError("no policy completed a run: " + "; ".join(self.failed_policies.values()))
         from adaspec.bench.report import write_report
 
         return write_report(self)

@@ -9,6 +9,7 @@ the first one leaves at 0 unless asked otherwise), times `time_scale`, divided b
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -234,6 +235,13 @@ def parse_arrivals(spec: str, rng: np.random.Generator, n: int | None,
 # ------------------------------------------------------------------------------------ workload
 
 
+def sha256(path: str | None) -> str | None:
+    """Content hash of a data file, so a report says exactly which trace or prompt set it used."""
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 @dataclass
 class Workload:
     requests: list[BenchRequest]
@@ -280,7 +288,8 @@ def build_workload(prompts: str = "builtin", arrivals: str | None = None, trace:
     reqs = [BenchRequest(i, p.text, p.category, n, rule.ignore_eos, t)
             for i, (p, n, t) in enumerate(zip(chosen, lengths, times, strict=True))]
     desc = {"prompts": prompt_desc, "num_prompts_in_pool": len(pool), "arrivals": arr_desc,
-            "trace": trace, "time_scale": time_scale, "duration_cut_s": duration,
+            "trace": trace, "trace_sha256": sha256(trace), "prompts_sha256": sha256(prompts),
+            "time_scale": time_scale, "duration_cut_s": duration,
             "num_requests": len(reqs), "span_s": times[-1] - times[0], "output_len_rule": output_len,
             "output_len": rule.describe(), "ignore_eos": rule.ignore_eos, "seed": seed,
             "mean_output_tokens": float(np.mean(lengths))}
