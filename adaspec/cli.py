@@ -1,4 +1,4 @@
-"""`adaspec` command line: generate, demo (and, from their modules, serve, bench)."""
+"""`adaspec` command line: generate, demo (and, from their modules, serve, bench, simulate, profile)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     from adaspec.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from adaspec.sim.cli import add_parser as add_sim_parser
+
+    add_sim_parser(sub)
     return ap
 
 

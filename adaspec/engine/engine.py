@@ -43,6 +43,29 @@ class StepRecord:
     step_time: float = 0.0
 
 
+def request_view(s: Sequence, K: int, max_model_len: int, now: float) -> RequestView:
+    """What a policy sees of one running request at time `now` (shared with the simulator, so
+    both apply the same hard caps)."""
+    context = len(s.tokens)
+    cap = min(K,
+              max_model_len - context - 1,  # verified positions must fit the cache
+              s.params.max_tokens - s.num_output_tokens - 1)  # no drafting past max_tokens
+    return RequestView(
+        s.request_id, context, s.num_output_tokens, max(0, cap), context - s.draft_len,
+        temperature=s.params.temperature, tpot_slo=s.slo.tpot, ttft_slo=s.slo.ttft,
+        since_first_token=None if s.first_token_time is None else now - s.first_token_time,
+        drafted_total=s.stats.drafted, accepted_total=s.stats.accepted,
+        remaining_tokens=s.params.max_tokens - s.num_output_tokens)
+
+
+def fit_budget(planned: list[int], max_num_batched_tokens: int) -> list[int]:
+    """Trim the longest drafts until sum(k_i + 1) fits the step's token budget."""
+    planned = list(planned)
+    while planned and sum(planned) + len(planned) > max_num_batched_tokens and max(planned) > 0:
+        planned[planned.index(max(planned))] -= 1
+    return planned
+
+
 class LLMEngine:
     def __init__(self, target, draft, tokenizer, policy: Policy, *, num_speculative_tokens: int = 8,
                  max_num_seqs: int = 32, max_model_len: int = 1024,
@@ -259,24 +282,10 @@ class LLMEngine:
     # -------------------------------------------------------------------------------- helpers
 
     def _view(self, s: Sequence) -> RequestView:
-        context = len(s.tokens)
-        cap = min(self.K,
-                  self.max_model_len - context - 1,  # verified positions must fit the cache
-                  s.params.max_tokens - s.num_output_tokens - 1)  # no drafting past max_tokens
-        now = time.perf_counter()
-        return RequestView(
-            s.request_id, context, s.num_output_tokens, max(0, cap), context - s.draft_len,
-            temperature=s.params.temperature, tpot_slo=s.slo.tpot, ttft_slo=s.slo.ttft,
-            since_first_token=None if s.first_token_time is None else now - s.first_token_time,
-            drafted_total=s.stats.drafted, accepted_total=s.stats.accepted,
-            remaining_tokens=s.params.max_tokens - s.num_output_tokens)
+        return request_view(s, self.K, self.max_model_len, time.perf_counter())
 
     def _fit_budget(self, planned: list[int]) -> list[int]:
-        """Trim the longest drafts until sum(k_i + 1) fits the step's token budget."""
-        planned = list(planned)
-        while planned and sum(planned) + len(planned) > self.max_num_batched_tokens and max(planned) > 0:
-            planned[planned.index(max(planned))] -= 1
-        return planned
+        return fit_budget(planned, self.max_num_batched_tokens)
 
     def _gen(self, s: Sequence) -> torch.Generator:
         return s.generator if s.generator is not None else self.generator

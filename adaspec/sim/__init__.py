@@ -1,0 +1,1 @@
+"""Paper-scale simulation: the engine's scheduler and policies on modelled step times and acceptance."""
