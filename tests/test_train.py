@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -64,6 +65,15 @@ def test_training_reduces_loss_and_resumes(tmp_path):
     pair.distill_draft(w, cfg, "cpu")
     d = _losses(w, "draft")
     assert d[-1] < d[0]
+    # A machine without the checkpoints continues from the exported pair instead.
+    pair.export(w, cfg, tmp_path / "export")
+    w2 = tmp_path / "fresh"
+    w2.mkdir()
+    shutil.copy(w / "train.npy", w2 / "train.npy")
+    shutil.copytree(w / "tokenizer", w2 / "tokenizer")
+    pair.train_target(w2, _tiny_cfg(target_steps=10, init_from=tmp_path / "export"), "cpu")
+    assert "initialized_from" in (w2 / "train.log").read_text()
+    assert _losses(w2, "target")[0] < losses[0]
 
 
 def test_batches_are_a_function_of_seed_and_step():

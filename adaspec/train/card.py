@@ -186,8 +186,15 @@ def render(res: dict, train: dict, valid: dict, cfg) -> str:
     for k, row in acc.items():
         lines.append(f"| {k} | {row['acceptance_length']} | "
                      + ", ".join("-" if x is None else f"{x:.2f}" for x in row["per_position"]) + " |")
-    lines += ["", "Position j's figure is accepted / drafted at j (conditional on reaching j).", "",
-              "## Greedy samples from the target", ""]
+    lines += ["", "Position j's figure is accepted / drafted at j (conditional on reaching j). Free-running",
+              "greedy acceptance flatters a weak pair (both models fall into the same repetition, see the",
+              "samples below); the teacher-forced agreement above is the figure to judge the pair by.", "",
+              "## Greedy samples from the target", "",
+              "The target saw under 2M tokens on two CPU cores: it writes Python-shaped text (signatures,",
+              "indented docstrings) that quickly turns repetitive. For a stronger pair, continue with",
+              "`python -m adaspec.train all --target-steps N --draft-steps M` (resumes from the work",
+              "directory's checkpoints; on a machine without them add `--init-from adaspec/models/default`",
+              "to start from the shipped weights and tokenizer).", ""]
     for s in res["samples"]:
         lines += ["```python", s["prompt"] + s["completion"], "```", ""]
     return "\n".join(lines) + "\n"

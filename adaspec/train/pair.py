@@ -50,6 +50,9 @@ class PairConfig:
     kd_weight: float = 0.8  # draft loss = kd_weight * KL(target || draft) + (1 - kd_weight) * CE
     ckpt_every: int = 25
     seed: int = 0
+    # Start from an exported pair (its tokenizer and weights) when the work directory has no
+    # checkpoint yet: checkpoints are not committed, the exported pair is.
+    init_from: Path | None = None
 
 
 def llama_config(cfg: PairConfig, shape: ModelShape, eos_id: int):
@@ -87,7 +90,13 @@ def prepare(workdir: Path, cfg: PairConfig) -> None:
         return
     root = corpus.stdlib_root()
     split = corpus.build_split(root)
-    tok = corpus.train_tokenizer(split.train, cfg.vocab_size, workdir / "tokenizer")
+    if cfg.init_from is not None:
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(cfg.init_from / "target")
+        tok.save_pretrained(workdir / "tokenizer")
+    else:
+        tok = corpus.train_tokenizer(split.train, cfg.vocab_size, workdir / "tokenizer")
     for name in ("train", "valid", "heldout"):
         np.save(workdir / f"{name}.npy", corpus.encode_files(tok, getattr(split, name)))
     corpus.write_prompts(corpus.heldout_prompts(split.heldout, root), workdir / "prompts.jsonl")
@@ -133,6 +142,12 @@ def _train_loop(workdir: Path, name: str, model, total: int, bsz: int, peak_lr: 
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log(workdir, phase=name, resumed_at=step)
+    elif cfg.init_from is not None and (cfg.init_from / name / "config.json").exists():
+        from transformers import LlamaForCausalLM
+
+        init = LlamaForCausalLM.from_pretrained(cfg.init_from / name, dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        log(workdir, phase=name, initialized_from=str(cfg.init_from / name))
     train = np.load(workdir / "train.npy")
     model.train()
     t0, tokens = time.time(), 0
@@ -255,4 +270,5 @@ def export(workdir: Path, cfg: PairConfig, out_dir: Path = DEFAULT_OUT, dtype=to
                          pad_token_id=tok.eos_token_id).save_pretrained(d)
         tok.save_pretrained(d)
     prompts = workdir / "prompts.jsonl"
-    (out_dir / "prompts.jsonl").write_text(prompts.read_text())
+    if prompts.exists():
+        (out_dir / "prompts.jsonl").write_text(prompts.read_text())
