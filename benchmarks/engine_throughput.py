@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from adaspec import LLM, SamplingParams, __version__
+from adaspec.bench.report import git_commit
 from adaspec.demo import builtin_prompts
 from adaspec.llm import DEFAULT_PAIR
 
@@ -54,12 +54,6 @@ def hf_assisted_tok_s(target, draft, tok, prompt: str, k: int | None, max_tokens
     dt = time.perf_counter() - t0
     return (out.shape[1] - ids["input_ids"].shape[1]) / dt
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -120,7 +114,7 @@ def main(argv=None) -> int:
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                        f"{platform.python_version()}, torch {torch.__version__}",
-            "adaspec": __version__, "commit": git_commit(), "max_tokens": a.max_tokens,
+            "adaspec": __version__, "commit": git_commit() or "unknown", "max_tokens": a.max_tokens,
             "repeats": a.repeats, "model": a.model, "draft_model": a.draft_model}
     res = {"meta": meta, "tok_per_s": med, "acceptance_length": accept, "batch1_adaspec": ours_b1,
            "batch1_transformers": hf}

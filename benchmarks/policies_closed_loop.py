@@ -25,7 +25,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from adaspec import SamplingParams, __version__
+from adaspec.bench.report import git_commit
 from adaspec.engine.sequence import SLO
 from adaspec.llm import DEFAULT_PAIR, build_engine
 from adaspec.spec.acceptance import measure_calibration, outcomes_from_telemetry
@@ -94,12 +94,6 @@ def run_level(engine, prompts: list[list[int]], concurrency: int, num_requests: 
         "decode_steps": sum(1 for r in list(engine.telemetry)[first_step:] if r.kind == "decode"),
     }
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -193,7 +187,8 @@ def main(argv=None) -> int:
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                        f"{platform.python_version()}, torch {torch.__version__}",
-            "adaspec": __version__, "commit": git_commit(), "model": a.model, "draft_model": a.draft_model,
+            "adaspec": __version__, "commit": git_commit() or "unknown", "model": a.model,
+            "draft_model": a.draft_model,
             "prompts": str(a.prompts), "num_prompts": len(prompt_ids), "max_prompt_tokens": limit,
             "output_length_rule": f"fixed {a.max_tokens} tokens, ignore_eos", "temperature": a.temperature,
             "tpot_slo_ms": slo_ms, "ttft_slo_ms": a.ttft_slo_ms, "K": a.num_speculative_tokens,
