@@ -234,3 +234,14 @@ def test_half_precision_runs(tiny_pair):
     for dtype in ("bfloat16", "float16"):
         out = llm(tiny_pair, "static:3", dtype=dtype).generate(PROMPTS[:3], greedy(8))
         assert all(len(o.token_ids) == 8 for o in out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_greedy_identical_on_cuda(tiny_pair, reference):
+    """Run on a GPU machine: the same equality as on the CPU, with the engine on CUDA."""
+    spec = llm(tiny_pair, "static:3", k=3, device="cuda", dtype=torch.float32)
+    plain = llm(tiny_pair, "none", device="cuda", dtype=torch.float32)
+    a = spec.generate(PROMPTS[:8], greedy())
+    b = plain.generate(PROMPTS[:8], greedy())
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert sum(o.spec_stats["accepted"] for o in a) > 0
