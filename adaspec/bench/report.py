@@ -267,16 +267,21 @@ def markdown(meta: dict, runs: list[dict], plots: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(sweep) -> Path:
-    out = sweep.out
-    meta = collect_meta(sweep)
-    runs = sweep.runs
+def write_summary(out: Path, meta: dict, runs: list) -> None:
+    """summary.json (meta and every run) and summary.csv (one row per run), shared with simulate."""
     (out / "summary.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1, default=str))
     with (out / "summary.csv").open("w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow([c for _, c in CSV_COLS])
         for r in runs:
             wr.writerow([get(r, k) for k, _ in CSV_COLS])
+
+
+def write_report(sweep) -> Path:
+    out = sweep.out
+    meta = collect_meta(sweep)
+    runs = sweep.runs
+    write_summary(out, meta, runs)
     tpots = {}
     for line in (out / "requests.jsonl").read_text().splitlines():
         row = json.loads(line)

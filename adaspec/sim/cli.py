@@ -14,7 +14,6 @@ the same code from the same per-request records; the oracle runs next to the pol
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shlex
 import sys
@@ -141,7 +140,7 @@ def write_report(out: Path, a, policies, wl, runs, rows, tpot_ms, slo_note, sim_
     """The bench report (same meta, tables and plots), plus what was simulated and how."""
     from types import SimpleNamespace
 
-    from adaspec.bench.report import CSV_COLS, collect_meta, get, markdown, write_plots
+    from adaspec.bench.report import collect_meta, markdown, write_plots, write_summary
     from adaspec.bench.sweep import SweepConfig
 
     m = truth.meta
@@ -163,12 +162,7 @@ def write_report(out: Path, a, policies, wl, runs, rows, tpot_ms, slo_note, sim_
     meta["server_threads"] = "n/a (simulated)"
     meta["prompt_tokenizer"] = sim_meta["prompt_tokens"]
     meta["simulation"] = sim_meta
-    (out / "summary.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1, default=str))
-    with (out / "summary.csv").open("w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow([c for _, c in CSV_COLS])
-        for r in runs:
-            wr.writerow([get(r, k) for k, _ in CSV_COLS])
+    write_summary(out, meta, runs)
     with (out / "requests.jsonl").open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -74,6 +74,16 @@ class ForwardTimeModel:
         t = np.where(np.asarray(batch) > 0, t, 0.0)  # an empty forward does not run
         return float(t) if t.ndim == 0 else t
 
+    def predict_elementwise(self, batch, tokens_per_seq, context) -> np.ndarray:
+        """`predict` over arrays with the scalar path's exact arithmetic (bit-identical results, so a
+        decision does not depend on which path computed it)."""
+        b = np.asarray(batch, dtype=float)
+        n = b * np.asarray(tokens_per_seq, dtype=float)
+        c0, c1, c2, c3, c4, c5 = self.coef
+        over = np.maximum(n - self.knee, 0.0) if self.knee > 0 else 0.0
+        t = c0 + c1 * b + c2 * n + c3 * over + (c4 * b + c5 * n) * np.asarray(context, dtype=float)
+        return np.where(b > 0, t, 0.0)
+
     @classmethod
     def fit(cls, samples: list[tuple[int, int, int, float]]) -> ForwardTimeModel:
         """Fit to (batch, tokens_per_seq, context, seconds) samples, minimising relative error."""
@@ -124,6 +134,13 @@ class StepTime:
         return self.draft + self.verify + self.overhead
 
 
+def _median(values) -> float:
+    """np.median's value (middle one, or the mean of the middle two) without numpy's per-call cost."""
+    v = sorted(values)
+    k = len(v) // 2
+    return float(v[k]) if len(v) % 2 else (v[k - 1] + v[k]) / 2
+
+
 class _Scale:
     """Online multiplicative correction: the median of the last `window` measured/predicted ratios
     (a median, so one outlier step on a shared machine does not skew the next dozens)."""
@@ -136,7 +153,7 @@ class _Scale:
     def update(self, measured: float, predicted: float) -> None:
         if self.window and measured > 0 and predicted > 0:
             self.ratios.append(measured / predicted)
-            self.value = min(20.0, max(0.05, float(np.median(self.ratios))))
+            self.value = min(20.0, max(0.05, _median(self.ratios)))
 
 
 class CostModel:
@@ -170,6 +187,14 @@ class CostModel:
 
     def predict_verify(self, batch_size, tokens_per_seq, context_len):
         return self.verify.predict(batch_size, tokens_per_seq, context_len) * self.verify_scale.value
+
+    def predict_draft_grid(self, batch_size, tokens_per_seq, context_len) -> np.ndarray:
+        """`predict_draft` elementwise over arrays (same values as scalar calls)."""
+        return self.draft.predict_elementwise(batch_size, tokens_per_seq, context_len) * self.draft_scale.value
+
+    def predict_verify_grid(self, batch_size, tokens_per_seq, context_len) -> np.ndarray:
+        """`predict_verify` elementwise over arrays (same values as scalar calls)."""
+        return self.verify.predict_elementwise(batch_size, tokens_per_seq, context_len) * self.verify_scale.value
 
     def predict_overhead(self, batch_size, drafted_tokens):
         """Engine work outside the forwards (sampling, acceptance, bookkeeping): per row handled."""
@@ -213,7 +238,7 @@ class CostModel:
         if self.window:
             rows = 1 + len(shape.contexts) + sum(shape.drafted)
             self._overheads.append(max(0.0, step_time - draft_time - verify_time) / rows)
-            self.overhead_per_row = float(np.median(self._overheads))
+            self.overhead_per_row = _median(self._overheads)
 
     @property
     def observed_steps(self) -> int:
