@@ -98,11 +98,12 @@ class AcceptanceModel:
     def calibrated(self, q: float) -> float:
         """Global monotone map from draft probability to acceptance probability (piecewise linear
         between bin centres, flat beyond the outer ones)."""
-        if self._curve is None:
-            centres = (np.arange(self.bins) + 0.5) / self.bins
+        if self._curve is None:  # rebuilt after every observed request: plain floats, no numpy calls
             prior = self.calibration_prior
-            rates = (self.bin_accepted + prior * centres) / (self.bin_tested + prior)
-            self._curve = pool_adjacent_violators(rates.tolist(), (self.bin_tested + prior).tolist())
+            weights = [t + prior for t in self.bin_tested.tolist()]
+            rates = [(a + prior * ((b + 0.5) / self.bins)) / w
+                     for b, (a, w) in enumerate(zip(self.bin_accepted.tolist(), weights, strict=True))]
+            self._curve = pool_adjacent_violators(rates, weights)
         x = min(max(q * self.bins - 0.5, 0.0), self.bins - 1.0)
         lo = min(int(x), self.bins - 2)
         return self._curve[lo] + (x - lo) * (self._curve[lo + 1] - self._curve[lo])
@@ -117,25 +118,44 @@ class AcceptanceModel:
             odds *= self.requests[request_id].factor(self.request_prior)
         return _prob(odds)
 
-    def predict_unseen(self, request_id: str, position: int) -> float:
-        """Conditional acceptance of a token not drafted yet (used to look ahead)."""
+    def _global_rate(self, position: int) -> float:
         g = self.position_rates[self._pos(position)]
         w = self.unseen_prior_weight
-        global_rate = (g.accepted + w * self.unseen_prior) / (g.tested + w)
-        r = self.request_rates.get(request_id)
-        if r is None:
+        return (g.accepted + w * self.unseen_prior) / (g.tested + w)
+
+    def _unseen(self, rate: _Rate | None, global_rate: float) -> float:
+        if rate is None:
             return _prob(_odds(global_rate))
-        return _prob(_odds((r.accepted + w * global_rate) / (r.tested + w)))
+        w = self.unseen_prior_weight
+        return _prob(_odds((rate.accepted + w * global_rate) / (rate.tested + w)))
+
+    def predict_unseen(self, request_id: str, position: int) -> float:
+        """Conditional acceptance of a token not drafted yet (used to look ahead)."""
+        return self._unseen(self.request_rates.get(request_id), self._global_rate(position))
 
     def unseen_table(self, request_ids: list[str], positions: int) -> list[list[float]]:
-        """`predict_unseen` for every request and positions 0..positions-1."""
-        return [[self.predict_unseen(rid, j) for j in range(positions)] for rid in request_ids]
+        """`predict_unseen` for every request and positions 0..positions-1, as one numpy evaluation
+        with the same arithmetic (identical values); per call for a request or two, or if a subclass
+        redefines predict_unseen."""
+        if type(self).predict_unseen is not AcceptanceModel.predict_unseen or len(request_ids) <= 2:
+            return [[self.predict_unseen(rid, j) for j in range(positions)] for rid in request_ids]
+        g = np.array([self._global_rate(j) for j in range(positions)], dtype=float)[None, :]
+        rates = [self.request_rates.get(rid) for rid in request_ids]
+        acc = np.array([r.accepted if r else 0.0 for r in rates], dtype=float)[:, None]
+        tested = np.array([r.tested if r else 0.0 for r in rates], dtype=float)[:, None]
+        seen = np.array([r is not None for r in rates], dtype=bool)[:, None]
+        w = self.unseen_prior_weight
+        p = np.where(seen, (acc + w * g) / (tested + w), g)
+        p = np.clip(p, EPS, 1 - EPS)  # _prob(_odds(p)), elementwise
+        odds = p / (1 - p)
+        return np.clip(odds / (1 + odds), EPS, 1 - EPS).tolist()
 
     # ------------------------------------------------------------------------------ learning
 
     def observe(self, request_id: str, confidences: list[float], accepted: int) -> None:
         """Learn from one request's verification: `accepted` of the verified `confidences` (a prefix)."""
-        preds = [self.predict(request_id, q, j) for j, q in enumerate(confidences)]
+        tested = confidences[:accepted + 1]  # positions past the first rejection teach nothing
+        preds = [self.predict(request_id, q, j) for j, q in enumerate(tested)]
         req = self.requests.setdefault(request_id, _Ratio())
         rate = self.request_rates.setdefault(request_id, _Rate())
         for j in range(min(accepted + 1, len(confidences))):  # tested positions

@@ -55,6 +55,18 @@ class AdaSpecPolicy(ControlledPolicy):
                 p = self.acceptance.predict(r.request_id, r.confidences[j], j)
                 ps.append((ps[-1] if ps else 1.0) * p)
 
+    def expected_tokens(self, batch: BatchView, verified: list[int]) -> float:
+        """As the base class, from this step's prefix probabilities (same values, no re-prediction)."""
+        pp = self._prefix_probs
+        if len(pp) != len(verified) or any(len(ps) < n for ps, n in zip(pp, verified, strict=True)):
+            return super().expected_tokens(batch, verified)
+        total = 0.0
+        for ps, n in zip(pp, verified, strict=True):
+            total += 1
+            for p in ps[:n]:
+                total += p
+        return total
+
     def _sunk_draft_time(self, batch: BatchView) -> float:
         return sum(self.costs.predict_draft(*f) for f in self.costs.draft_forwards(self.shape(batch)))
 

@@ -134,6 +134,17 @@ class StepTime:
         return self.draft + self.verify + self.overhead
 
 
+def _elementwise(model, batch, tokens_per_seq, context) -> np.ndarray:
+    """model.predict over arrays, with its scalar path's values: a forward model other than ours
+    (the simulator's roofline) is called once per element."""
+    if type(model).predict is ForwardTimeModel.predict:
+        return model.predict_elementwise(batch, tokens_per_seq, context)
+    b, n, c = np.broadcast_arrays(batch, tokens_per_seq, context)
+    cells = zip(b.ravel().tolist(), n.ravel().tolist(), c.ravel().tolist(), strict=True)
+    t = [model.predict(*x) for x in cells]
+    return np.array(t, dtype=float).reshape(b.shape)
+
+
 def _median(values) -> float:
     """np.median's value (middle one, or the mean of the middle two) without numpy's per-call cost."""
     v = sorted(values)
@@ -190,11 +201,11 @@ class CostModel:
 
     def predict_draft_grid(self, batch_size, tokens_per_seq, context_len) -> np.ndarray:
         """`predict_draft` elementwise over arrays (same values as scalar calls)."""
-        return self.draft.predict_elementwise(batch_size, tokens_per_seq, context_len) * self.draft_scale.value
+        return _elementwise(self.draft, batch_size, tokens_per_seq, context_len) * self.draft_scale.value
 
     def predict_verify_grid(self, batch_size, tokens_per_seq, context_len) -> np.ndarray:
         """`predict_verify` elementwise over arrays (same values as scalar calls)."""
-        return self.verify.predict_elementwise(batch_size, tokens_per_seq, context_len) * self.verify_scale.value
+        return _elementwise(self.verify, batch_size, tokens_per_seq, context_len) * self.verify_scale.value
 
     def predict_overhead(self, batch_size, drafted_tokens):
         """Engine work outside the forwards (sampling, acceptance, bookkeeping): per row handled."""

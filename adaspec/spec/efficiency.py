@@ -66,6 +66,28 @@ def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool):
     return np.argmax(eff, axis=-1)
 
 
+def _gains(prefixes: list[float], futures: list[list[float]], horizon: int) -> np.ndarray:
+    """[H+1, M]: expected extra tokens when request r, P(all its drafts accepted) = prefixes[r],
+    drafts up to h = 0..horizon more tokens with conditional acceptances futures[r] (0 past its
+    end): running products then running sums, accumulated in order."""
+    f = np.zeros((len(futures), horizon + 1))
+    f[:, 0] = prefixes
+    for r, fu in enumerate(futures):
+        f[r, 1:len(fu) + 1] = fu
+    p = np.multiply.accumulate(f, axis=1)  # p[:, h+1]: P(drafts and h+1 more all accepted)
+    p[:, 0] = 0.0
+    return np.add.accumulate(p, axis=1).T
+
+
+def _running(first, values: np.ndarray, op) -> np.ndarray:
+    """[H+1, M+1]: `first`, then op accumulated left to right with each column of values [H+1, M]."""
+    start = np.full((values.shape[0], 1), first, dtype=values.dtype)
+    return op.accumulate(np.concatenate([start, values], axis=1), axis=1)
+
+
+SMALL_GRID = 24  # cells (M x H) up to which plain Python beats numpy's per-call cost
+
+
 def continuation_grid(cm: CostModel, slo: SLOState, contexts: list[int], drafted: list[int],
                       base_tokens: list[float], prefix: list[float], cont: list[int],
                       future: list[list[float]], first_width: list[int], sunk: float):
@@ -77,20 +99,54 @@ def continuation_grid(cm: CostModel, slo: SLOState, contexts: list[int], drafted
     first_width[k], its tokens in the next draft forward (its lag at plan time, else 1). sunk: draft
     time already spent. Requests join in order of the value of their next token.
 
-    Plain Python with running sums (a cell costs a few scalar predictions): it runs after every
-    draft step, and numpy's per-call cost would dominate at small batches; numpy only for SLOs.
+    Small grids (every draft step at small batches) run cell by cell in plain Python, large ones as
+    whole-grid numpy; both accumulate every sum in the same order, so they give identical values.
     Returns (T, E, V, order): arrays [H+1, M+1], row h=0 and column m=0 meaning "stop now"."""
-    B, M, H = len(contexts), len(cont), max(len(f) for f in future)
+    M, H = len(cont), max(len(f) for f in future)
     rank = sorted(range(M), key=lambda k: -prefix[cont[k]] * future[k][0])
     order = [cont[k] for k in rank]
+    gain = _gains([prefix[cont[k]] for k in rank], [future[k] for k in rank], H)  # [H+1, M]
+    times = _cell_times if M * H <= SMALL_GRID else _grid_times
+    T, E = times(cm, contexts, drafted, base_tokens, order, gain,
+                 [len(future[k]) for k in rank], [first_width[k] for k in rank], sunk)
+    if not slo.active:
+        return T, E, np.full(T.shape, -1.0), order
+    B = len(contexts)
+    e = np.broadcast_to(np.asarray(base_tokens, dtype=float), (H + 1, M + 1, B)).copy()
+    top = np.arange(M)[None, :] < np.arange(M + 1)[:, None]  # [M+1, M]: rank r among the top m
+    e[:, :, order] += gain[:, None, :] * top[None, :, :]
+    return T, E, slo.worst(T, e), order
+
+
+def _grid_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
+                order: list[int], gain: np.ndarray, horizons: list[int], widths: list[int],
+                sunk: float):
+    """Step time T and tokens E [H+1, M+1] of `continuation_grid`, whole-grid numpy (requests in
+    rank order: order, gain [H+1, M], horizons, first-forward widths)."""
+    B, H = len(contexts), gain.shape[0] - 1
     ends = [c + d for c, d in zip(contexts, drafted, strict=True)]
-    gains = []  # gains[r][h]: expected extra tokens when rank r drafts up to h more
-    for k in rank:
-        g, p = [0.0], prefix[cont[k]]
-        for h in range(H):
-            p = p * future[k][h] if h < len(future[k]) else 0.0
-            g.append(g[-1] + p)
-        gains.append(g)
+    horizon = np.array(horizons)
+    steps = np.minimum(np.arange(H + 1)[:, None], horizon[None, :])  # [H+1, M]: rank r drafts at depth h
+    E = _running(sum(base_tokens), gain, np.add)
+    longest = _running(max(drafted), np.array([drafted[i] for i in order]) + steps, np.maximum)
+    order_ends = np.array([ends[i] for i in order])
+    verify_ctx = _running(max(ends), order_ends + steps, np.maximum)
+    new_tokens = _running(sum(drafted), steps, np.add)
+    if cm.padded:
+        verify = cm.predict_verify_grid(B, longest + 1, verify_ctx)
+    else:
+        verify = cm.predict_verify_grid(B, new_tokens / B + 1, (sum(contexts) + new_tokens) / B)
+    draft = _draft_times(cm, horizon, np.array(widths), order_ends, H)
+    return sunk + draft + verify + cm.predict_overhead(B, new_tokens), E
+
+
+def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
+                order: list[int], gain: np.ndarray, horizons: list[int], widths: list[int],
+                sunk: float):
+    """`_grid_times` cell by cell with running sums (a cell costs a few scalar predictions)."""
+    B, M, H = len(contexts), len(order), gain.shape[0] - 1
+    gains = gain.T.tolist()
+    ends = [c + d for c, d in zip(contexts, drafted, strict=True)]
     T = [[0.0] * (M + 1) for _ in range(H + 1)]
     E = [[0.0] * (M + 1) for _ in range(H + 1)]
     tokens = [sum(base_tokens)] * (H + 1)
@@ -101,9 +157,8 @@ def continuation_grid(cm: CostModel, slo: SLOState, contexts: list[int], drafted
     new_tokens = [sum(drafted)] * (H + 1)
     for m in range(M + 1):
         if m:
-            k, i = rank[m - 1], order[m - 1]
-            horizon = len(future[k])
-            width_max, width_sum = max(width_max, first_width[k]), width_sum + first_width[k]
+            i, horizon = order[m - 1], horizons[m - 1]
+            width_max, width_sum = max(width_max, widths[m - 1]), width_sum + widths[m - 1]
             ctx_max, ctx_sum = max(ctx_max, ends[i]), ctx_sum + ends[i]
             for h in range(H + 1):
                 steps = min(h, horizon)
@@ -125,14 +180,25 @@ def continuation_grid(cm: CostModel, slo: SLOState, contexts: list[int], drafted
                 verify = cm.predict_verify(B, new_tokens[h] / B + 1, (sum(contexts) + new_tokens[h]) / B)
             T[h][m] = sunk + draft + verify + cm.predict_overhead(B, new_tokens[h])
             E[h][m] = tokens[h]
-    T, E = np.array(T), np.array(E)
-    if not slo.active:
-        return T, E, np.full(T.shape, -1.0), order
-    gain = np.array(gains).T  # [H+1, M]
-    e = np.broadcast_to(np.asarray(base_tokens, dtype=float), (H + 1, M + 1, B)).copy()
-    top = np.arange(M)[None, :] < np.arange(M + 1)[:, None]  # [M+1, M]: rank r among the top m
-    e[:, :, order] += gain[:, None, :] * top[None, :, :]
-    return T, E, slo.worst(T, e), order
+    return np.array(T), np.array(E)
+
+
+def _draft_times(cm: CostModel, horizon: np.ndarray, width: np.ndarray, ends: np.ndarray, H: int):
+    """[H+1, M+1] draft time of the top m ranked requests drafting up to h tokens: draft forward t
+    runs the rows whose horizon exceeds t, first-forward width and context by max (padded) or mean."""
+    M = len(horizon)
+    t = np.arange(H)[:, None]
+    rows = np.cumsum(horizon[None, :] > t, axis=1)  # [H, M]: rows in forward t among the top m
+    m = np.arange(1, M + 1)
+    if cm.padded:
+        first, ctx = np.maximum.accumulate(width), np.maximum.accumulate(ends)
+    else:
+        first, ctx = np.cumsum(width) / m, np.cumsum(ends) / m
+    widths = np.where(t == 0, first[None, :], 1)
+    per_forward = cm.predict_draft_grid(rows, widths, ctx[None, :] + t)  # [H, M]
+    draft = np.zeros((H + 1, M + 1))
+    draft[1:, 1:] = np.cumsum(per_forward, axis=0)
+    return draft
 
 
 def prune_sequence(cm: CostModel, slo: SLOState, contexts: list[int], drafted: list[int],
@@ -144,34 +210,52 @@ def prune_sequence(cm: CostModel, slo: SLOState, contexts: list[int], drafted: l
     Returns (T, E, V, removals): arrays [N+1], and removals[r] = request whose tail is cut r-th."""
     B = len(contexts)
     removals = sorted((p, -j, i) for i, ps in enumerate(prefix_probs) for j, p in enumerate(ps))
+    who = [i for _, _, i in removals]
+    verify_times = _prune_verify_cells if len(who) * B <= SMALL_GRID else _prune_verify_grid
+    T = sunk + verify_times(cm, contexts, drafted, who) + cm.predict_overhead(B, sum(drafted))
+    tokens = B + sum(sum(ps) for ps in prefix_probs)
+    E = np.subtract.accumulate(np.array([tokens] + [p for p, _, _ in removals]))  # in removal order
+    if not slo.active:
+        return T, E, np.full(len(T), -1.0), who
+    lost_tokens = np.zeros((len(removals) + 1, B))  # row r: expected tokens each request lost so far
+    for r, (p, _, i) in enumerate(removals, start=1):
+        lost_tokens[r, i] = p
+    e = 1 + np.array([sum(ps) for ps in prefix_probs]) - np.cumsum(lost_tokens, axis=0)
+    return T, E, slo.worst(T, e), who
+
+
+def _prune_verify_grid(cm: CostModel, contexts: list[int], drafted: list[int], who: list[int]):
+    """[N+1] verification time after cutting the tails of who[:r], whole-sequence numpy."""
+    B = len(contexts)
+    cut = np.zeros((len(who) + 1, B), dtype=int)  # row r: positions each request lost so far
+    cut[np.arange(1, len(who) + 1), who] = 1
+    lengths = np.asarray(drafted) - np.cumsum(cut, axis=0)  # [N+1, B]
+    ends = np.asarray(contexts) + lengths
+    if cm.padded:
+        return cm.predict_verify_grid(B, lengths.max(1) + 1, ends.max(1))
+    return cm.predict_verify_grid(B, (sum(drafted) - np.arange(len(who) + 1)) / B + 1, ends.sum(1) / B)
+
+
+def _prune_verify_cells(cm: CostModel, contexts: list[int], drafted: list[int], who: list[int]):
+    """`_prune_verify_grid` one removal at a time with running counts (cheaper for a few)."""
+    B = len(contexts)
     lengths = list(drafted)
     at_length = [0] * (max(drafted) + 1)  # requests per draft length: the padded width is the top one
     for n in lengths:
         at_length[n] += 1
-    tokens = B + sum(sum(ps) for ps in prefix_probs)
     total, ends = sum(lengths), [c + n for c, n in zip(contexts, lengths, strict=True)]
-    overhead = cm.predict_overhead(B, sum(drafted))
-    T, E = [], []
-    for r in range(len(removals) + 1):
+    out = []
+    for r in range(len(who) + 1):
         if r:
-            p, _, i = removals[r - 1]
+            i = who[r - 1]
             at_length[lengths[i]] -= 1
             lengths[i] -= 1
             at_length[lengths[i]] += 1
             ends[i] -= 1
-            tokens, total = tokens - p, total - 1
+            total -= 1
         if cm.padded:
             width = max(n for n in range(len(at_length)) if at_length[n])
-            verify = cm.predict_verify(B, width + 1, max(ends))
+            out.append(cm.predict_verify(B, width + 1, max(ends)))
         else:
-            verify = cm.predict_verify(B, total / B + 1, sum(ends) / B)
-        T.append(sunk + verify + overhead)
-        E.append(tokens)
-    T, E = np.array(T), np.array(E)
-    if not slo.active:
-        return T, E, np.full(len(T), -1.0), [i for _, _, i in removals]
-    cut = np.zeros((len(removals) + 1, B))  # row r: expected tokens each request lost so far
-    for r, (p, _, i) in enumerate(removals, start=1):
-        cut[r, i] = p
-    e = 1 + np.array([sum(ps) for ps in prefix_probs]) - np.cumsum(cut, axis=0)
-    return T, E, slo.worst(T, e), [i for _, _, i in removals]
+            out.append(cm.predict_verify(B, total / B + 1, sum(ends) / B))
+    return np.array(out)

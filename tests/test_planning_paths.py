@@ -1,0 +1,64 @@
+"""The planner's fast paths give bit-identical values to the plain ones (so no decision depends on
+which path ran): cell-by-cell vs whole-grid continuation grids and prune sequences, table vs
+per-call look-ahead."""
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+
+from adaspec.spec import efficiency
+from adaspec.spec.acceptance import AcceptanceModel
+from adaspec.spec.cost_model import CostModel, ForwardTimeModel
+
+
+def _random_case(rng: random.Random):
+    cm = CostModel(ForwardTimeModel([rng.random() * 1e-3 for _ in range(6)], rng.choice([0.0, 7.0])),
+                   ForwardTimeModel([rng.random() * 1e-3 for _ in range(6)], rng.choice([0.0, 64.0])),
+                   rng.random() * 1e-5, rng.random() < 0.5)
+    cm.draft_scale.value, cm.verify_scale.value = rng.uniform(0.5, 2), rng.uniform(0.5, 2)
+    B = rng.randint(1, 20)
+    reqs = [SimpleNamespace(tpot_slo=rng.choice([None, 0.05]), since_first_token=rng.random(),
+                            output_tokens=rng.randint(0, 300), remaining_tokens=rng.choice([None, 50]))
+            for _ in range(B)]
+    waiting = [SimpleNamespace(waited=rng.random(), ttft_slo=rng.choice([None, 1.0])) for _ in range(2)]
+    slo = efficiency.SLOState(SimpleNamespace(requests=reqs, waiting=waiting))
+    cont = sorted(rng.sample(range(B), rng.randint(1, B)))
+    H = rng.randint(1, 8)
+    return (cm, slo, [rng.randint(1, 3000) for _ in range(B)], [rng.randint(0, 6) for _ in range(B)],
+            [1 + rng.random() for _ in range(B)], [rng.random() for _ in range(B)], cont,
+            [[rng.random() for _ in range(rng.randint(1, H))] for _ in cont],
+            [rng.randint(1, 9) for _ in cont], rng.random() * 1e-3)
+
+
+def test_grid_paths_identical(monkeypatch):
+    rng = random.Random(0)
+    for _ in range(200):
+        case = _random_case(rng)
+        monkeypatch.setattr(efficiency, "SMALL_GRID", 10**9)
+        cells = efficiency.continuation_grid(*case)
+        monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
+        grid = efficiency.continuation_grid(*case)
+        assert cells[3] == grid[3]
+        for a, b in zip(cells[:3], grid[:3], strict=True):
+            assert np.array_equal(a, b)
+        cm, slo, contexts, drafted = case[:4]
+        if any(drafted):
+            probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
+            monkeypatch.setattr(efficiency, "SMALL_GRID", 10**9)
+            cells = efficiency.prune_sequence(cm, slo, contexts, drafted, probs, 1e-4)
+            monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
+            grid = efficiency.prune_sequence(cm, slo, contexts, drafted, probs, 1e-4)
+            assert cells[3] == grid[3]
+            for a, b in zip(cells[:3], grid[:3], strict=True):
+                assert np.array_equal(a, b)
+
+
+def test_unseen_table_matches_predict_unseen():
+    rng = random.Random(1)
+    model = AcceptanceModel()
+    ids = [f"r{i}" for i in range(12)]
+    for _ in range(150):
+        n = rng.randint(0, 8)
+        model.observe(rng.choice(ids[:8]), [rng.random() for _ in range(n)], rng.randint(0, n))
+    assert model.unseen_table(ids, 10) == [[model.predict_unseen(r, j) for j in range(10)] for r in ids]
