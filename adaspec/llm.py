@@ -17,11 +17,10 @@ from adaspec.engine.engine import LLMEngine
 from adaspec.engine.sampling import SamplingParams
 from adaspec.engine.sequence import SLO, Sequence
 from adaspec.model import check_same_vocab, load_model, load_tokenizer
+from adaspec.model.loader import resolve_dtype as loader_resolve_dtype
 from adaspec.spec.policy import Policy, make_policy
 
 DEFAULT_PAIR = Path(__file__).resolve().parent / "models" / "default"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -70,13 +69,11 @@ def request_output(seq: Sequence, prompt: str | None = None) -> RequestOutput:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """'auto' (or None) means float32 on the CPU, where half precision is slow, and bfloat16 on a
+    GPU; other names go through the loader's table."""
     if dtype is None or dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    return loader_resolve_dtype(dtype)
 
 
 def build_engine(model: str | Path | None = None, draft_model: str | Path | None = None,
