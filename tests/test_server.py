@@ -32,8 +32,9 @@ def tiny_engine(pair, **kw):
 
 @pytest.fixture(scope="module")
 def live(tiny_pair):
+    # room for all 64 concurrent streams (the bound itself is tested in test_server_hardening)
     eng = tiny_engine(tiny_pair, max_num_seqs=16)
-    app = create_app(eng, ["tiny", "tiny-alias"], max_waiting=64)
+    app = create_app(eng, ["tiny", "tiny-alias"], max_waiting=256)
     with serve_in_thread(app) as url:
         yield url, app
 
