@@ -35,13 +35,15 @@ def test_grid_paths_identical(monkeypatch):
     rng = random.Random(0)
     for _ in range(200):
         case = _random_case(rng)
-        monkeypatch.setattr(efficiency, "SMALL_GRID", 10**9)
-        cells = efficiency.continuation_grid(*case)
         monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
         grid = efficiency.continuation_grid(*case)
-        assert cells[3] == grid[3]
-        for a, b in zip(cells[:3], grid[:3], strict=True):
-            assert np.array_equal(a, b)
+        monkeypatch.setattr(efficiency, "SMALL_GRID", 10**9)
+        for small_slo in (0, 10**9):  # SLO checks in numpy, then in plain Python
+            monkeypatch.setattr(efficiency, "SMALL_SLO", small_slo)
+            cells = efficiency.continuation_grid(*case)
+            assert cells[3] == grid[3]
+            for a, b in zip(cells[:3], grid[:3], strict=True):
+                assert np.array_equal(a, b)
         cm, slo, contexts, drafted = case[:4]
         if any(drafted):
             probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
@@ -52,6 +54,20 @@ def test_grid_paths_identical(monkeypatch):
             assert cells[3] == grid[3]
             for a, b in zip(cells[:3], grid[:3], strict=True):
                 assert np.array_equal(a, b)
+
+
+def test_small_pick_matches_numpy(monkeypatch):
+    rng = random.Random(2)
+    for _ in range(300):
+        n = rng.randint(1, 12)
+        t = np.array([rng.choice([0.0, rng.random()]) for _ in range(n)])
+        e = np.array([rng.choice([1.0, 1 + rng.random()]) for _ in range(n)])
+        v = np.array([rng.choice([-0.5, 0.0, rng.uniform(-1, 1)]) for _ in range(n)])
+        for aware in (True, False):
+            monkeypatch.setattr(efficiency, "SMALL_PICK", 0)
+            slow = int(efficiency.pick(t, e, v, aware))
+            monkeypatch.setattr(efficiency, "SMALL_PICK", 64)
+            assert efficiency.pick(t, e, v, aware) == slow
 
 
 def test_unseen_table_matches_predict_unseen():

@@ -37,6 +37,8 @@ class ModelRunner:
         """Forward all rows in one batch; returns logits [sum(want), V] in row order (float32)."""
         t0 = time.perf_counter()
         width = max(len(r.tokens) for r in rows)
+        if width == 1:  # plain decode / draft step: one token per row, no padding, no gather
+            return self._run_single(rows, t0)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         pos = torch.zeros(len(rows), width, dtype=torch.long)
         valid = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -53,6 +55,22 @@ class ModelRunner:
         hidden = self.model(ids.to(dev), pos.to(dev), cache=self.cache, slots=slots.to(dev),
                             valid=None if bool(valid.all()) else valid.to(dev))
         logits = self.model.compute_logits(hidden[pick_b, pick_t]) if pick_b else hidden.new_empty(0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.last_time = time.perf_counter() - t0
+        return logits
+
+    def _run_single(self, rows: list[Row], t0: float) -> torch.Tensor:
+        """`run` for rows of one token each (the hot path of drafting): fewer small tensor ops."""
+        dev = self.device
+        ids = torch.tensor([r.tokens for r in rows], dtype=torch.long, device=dev)
+        pos = torch.tensor([[r.start] for r in rows], dtype=torch.long, device=dev)
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=dev)
+        hidden = self.model(ids, pos, cache=self.cache, slots=slots)[:, 0]
+        want = [b for b, r in enumerate(rows) if r.want]
+        if len(want) < len(rows):
+            hidden = hidden[want]
+        logits = self.model.compute_logits(hidden) if want else hidden.new_empty(0)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self.last_time = time.perf_counter() - t0

@@ -154,13 +154,26 @@ class AcceptanceModel:
 
     def observe(self, request_id: str, confidences: list[float], accepted: int) -> None:
         """Learn from one request's verification: `accepted` of the verified `confidences` (a prefix)."""
-        tested = confidences[:accepted + 1]  # positions past the first rejection teach nothing
-        preds = [self.predict(request_id, q, j) for j, q in enumerate(tested)]
+        self.observe_step([request_id], [confidences], [accepted])
+
+    def observe_step(self, request_ids: list[str], confidences: list[list[float]],
+                     accepted: list[int]) -> None:
+        """Learn from one verification step of a batch. Every prediction is scored before any of the
+        step's outcomes is learned (they were all made before it), and the calibration curve is
+        rebuilt once per step, not once per request."""
+        # positions past the first rejection were never tested and teach nothing
+        tested = [list(c[:a + 1]) for c, a in zip(confidences, accepted, strict=True)]
+        preds = [[self.predict(rid, q, j) for j, q in enumerate(t)]
+                 for rid, t in zip(request_ids, tested, strict=True)]
+        for rid, t, p, a in zip(request_ids, tested, preds, accepted, strict=True):
+            self._learn(rid, t, p, int(a))
+        self._curve = None
+
+    def _learn(self, request_id: str, tested: list[float], preds: list[float], accepted: int) -> None:
         req = self.requests.setdefault(request_id, _Ratio())
         rate = self.request_rates.setdefault(request_id, _Rate())
-        for j in range(min(accepted + 1, len(confidences))):  # tested positions
+        for j, q in enumerate(tested):
             ok = float(j < accepted)
-            q = confidences[j]
             self.ours.add(preds[j], ok)
             self.raw.add(q, ok)
             b = min(int(q * self.bins), self.bins - 1)
@@ -177,7 +190,6 @@ class AcceptanceModel:
             prate = self.position_rates[self._pos(j)]
             prate.accepted += ok
             prate.tested += 1
-        self._curve = None
 
     def forget_except(self, request_ids: Iterable[str]) -> None:
         """Drop history of requests no longer running (bounded memory)."""
@@ -234,8 +246,7 @@ def measure_calibration(steps: Iterable, model: AcceptanceModel | None = None) -
     probabilities per request) and `accepted` (StepOutcome, or `outcomes_from_telemetry` output)."""
     model = model or AcceptanceModel()
     for s in steps:
-        for rid, conf, acc in zip(s.request_ids, s.confidences, s.accepted, strict=True):
-            model.observe(rid, list(conf), int(acc))
+        model.observe_step(list(s.request_ids), [list(c) for c in s.confidences], list(s.accepted))
     return model.report()
 
 

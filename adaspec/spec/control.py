@@ -60,13 +60,13 @@ class ControlledPolicy(Policy):
         predicted = None
         if batch is not None and [r.request_id for r in batch.requests] == list(outcome.request_ids):
             shape = self.shape(batch, outcome.drafted)
-            predicted = {"tokens": round(self.expected_tokens(batch, outcome.drafted), 4)}
+            predicted = {"tokens": self.expected_tokens(batch, outcome.drafted)}
             if self.cost_model is not None:
                 t = self.cost_model.predict(shape)
                 predicted.update(draft=t.draft, verify=t.verify, overhead=t.overhead, step_time=t.total)
                 self.cost_model.observe(shape, outcome.draft_time, outcome.verify_time, outcome.step_time)
-        for rid, conf, acc in zip(outcome.request_ids, outcome.confidences, outcome.accepted, strict=True):
-            self.acceptance.observe(rid, list(conf), int(acc))
+        self.acceptance.observe_step(list(outcome.request_ids), [list(c) for c in outcome.confidences],
+                                     list(outcome.accepted))
         self.log.finish(outcome, predicted,
                         None if batch is None else [list(r.confidences) for r in batch.requests])
 

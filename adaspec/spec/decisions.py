@@ -13,18 +13,25 @@ from collections import deque
 from pathlib import Path
 
 
-def _r(x: float, digits: int = 6) -> float:
-    return round(float(x), digits)
+def _compact(x):
+    """Floats to 6 significant digits, recursively: done once at export, not in the hot path."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _compact(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_compact(v) for v in x]
+    return x
 
 
 def candidate(label: str, tokens: float, time: float, violation: float | None = None, **extra) -> dict:
     """One option a policy weighed: expected emitted tokens, predicted step time (s), worst
-    predicted SLO violation (fraction over budget; <= 0 means every SLO is met)."""
+    predicted SLO violation (fraction over budget; <= 0 means every SLO is met). Kept at full
+    precision (rounding every candidate of every step costs more than the decision itself)."""
     tokens, time = float(tokens), float(time)
-    d = {"label": label, "tokens": round(tokens, 4), "time": round(time, 7),
-         "efficiency": round(tokens / time, 3) if time > 0 else None}
+    d = {"label": label, "tokens": tokens, "time": time, "efficiency": tokens / time if time > 0 else None}
     if violation is not None:
-        d["violation"] = round(float(violation), 4)
+        d["violation"] = float(violation)
     d.update(extra)
     return d
 
@@ -62,11 +69,11 @@ class DecisionLog:
         rec = self._current
         rec["predicted"] = predicted
         if drafted_confidences is not None:
-            rec["drafted_confidences"] = [[_r(q, 5) for q in c] for c in drafted_confidences]
+            rec["drafted_confidences"] = [list(c) for c in drafted_confidences]
         rec["outcome"] = {
             "request_ids": list(outcome.request_ids), "drafted": list(outcome.drafted),
             "accepted": list(outcome.accepted),
-            "confidences": [[_r(q, 5) for q in c] for c in outcome.confidences],
+            "confidences": [list(c) for c in outcome.confidences],
             "draft_steps": outcome.draft_steps, "draft_time": outcome.draft_time,
             "verify_time": outcome.verify_time, "step_time": outcome.step_time,
             "emitted": sum(outcome.accepted) + len(outcome.accepted)}
@@ -87,7 +94,7 @@ class DecisionLog:
     def to_jsonl(self, path: str | Path) -> None:
         with open(path, "w") as f:
             for r in self.records:
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(_compact(r)) + "\n")
 
     @staticmethod
     def read_jsonl(path: str | Path) -> list[dict]:

@@ -15,6 +15,8 @@ Ties go to the first candidate, which every evaluator makes the least speculativ
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from adaspec.spec.cost_model import CostModel
@@ -41,6 +43,25 @@ class SLOState:
         self.waited = np.array([w.waited for w in queue if w.ttft_slo], dtype=float)
         self.ttft = np.array([w.ttft_slo for w in queue if w.ttft_slo], dtype=float)
         self.active = bool(np.isfinite(self.tpot).any() or len(self.ttft))
+        self._lists = None  # plain-float copies for `worst_cell`, made on first use
+
+    def worst_cell(self, t: float, e: list[float]) -> float:
+        """`worst` for one candidate in plain Python, with the same arithmetic (identical values):
+        cheaper than numpy for the few candidates of a small batch."""
+        if not self.active:
+            return -1.0
+        if self._lists is None:
+            self._lists = (self.spent.tolist(), self.done.tolist(), self.tpot.tolist(),
+                           self.remaining.tolist(), self.wait_rank.tolist(), self.waited.tolist(),
+                           self.ttft.tolist())
+        spent, done, tpot, remaining, rank, waited, ttft = self._lists
+        v = max((s + t) / max(d + x, 1e-9) / b - 1 for s, d, x, b in zip(spent, done, e, tpot, strict=False))
+        if ttft:
+            frees = [f * t for f in sorted(r / x for r, x in zip(remaining, e, strict=False))]
+            for k, w, sl in zip(rank, waited, ttft, strict=False):
+                vw = (w + frees[k]) / sl - 1 if math.isfinite(frees[k]) else -math.inf
+                v = max(v, vw)
+        return v
 
     def worst(self, t: np.ndarray, e: np.ndarray) -> np.ndarray:
         """Worst violation per candidate; t: [S] step times, e: [S, B] tokens per request."""
@@ -58,12 +79,47 @@ class SLOState:
 
 def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool):
     """Index of the chosen candidate along the last axis (one per row for 2-D input)."""
+    if t.ndim == 1 and len(t) <= SMALL_PICK:
+        return _pick_small(t.tolist(), e.tolist(), v.tolist(), slo_aware)
     eff = e / np.maximum(t, 1e-12)
     if slo_aware:
         feasible = v <= 0
         least = v <= v.min(-1, keepdims=True) + 1e-9
         eff = np.where(np.where(feasible.any(-1, keepdims=True), feasible, least), eff, -np.inf)
     return np.argmax(eff, axis=-1)
+
+
+SMALL_PICK = 64  # candidates up to which `pick` runs in plain Python
+
+
+def _pick_small(t: list[float], e: list[float], v: list[float], slo_aware: bool) -> int:
+    """`pick` for one row, in plain Python (same comparisons, first maximum wins)."""
+    allowed = [True] * len(t)
+    if slo_aware:
+        if any(x <= 0 for x in v):
+            allowed = [x <= 0 for x in v]
+        else:
+            least = min(v) + 1e-9
+            allowed = [x <= least for x in v]
+    best, best_eff = 0, -math.inf
+    for i, (ti, ei, ok) in enumerate(zip(t, e, allowed, strict=False)):
+        eff = ei / max(ti, 1e-12) if ok else -math.inf
+        if eff > best_eff:
+            best, best_eff = i, eff
+    return best
+
+
+def _gains_small(prefixes: list[float], futures: list[list[float]], horizon: int) -> list[list[float]]:
+    """`_gains` transposed ([M][H+1]), in plain Python with the same order of operations."""
+    out = []
+    for prefix, fu in zip(prefixes, futures, strict=False):
+        p, total, row = prefix, 0.0, [0.0]
+        for h in range(horizon):
+            p *= fu[h] if h < len(fu) else 0.0
+            total += p
+            row.append(total)
+        out.append(row)
+    return out
 
 
 def _gains(prefixes: list[float], futures: list[list[float]], horizon: int) -> np.ndarray:
@@ -105,17 +161,42 @@ def continuation_grid(cm: CostModel, slo: SLOState, contexts: list[int], drafted
     M, H = len(cont), max(len(f) for f in future)
     rank = sorted(range(M), key=lambda k: -prefix[cont[k]] * future[k][0])
     order = [cont[k] for k in rank]
+    if M * H <= SMALL_GRID:
+        gains = _gains_small([prefix[cont[k]] for k in rank], [future[k] for k in rank], H)  # [M][H+1]
+        T, E = _cell_times(cm, contexts, drafted, base_tokens, order, gains,
+                           [len(future[k]) for k in rank], [first_width[k] for k in rank], sunk)
+        if not slo.active:
+            V = [[-1.0] * (M + 1) for _ in range(H + 1)]
+        elif (M + 1) * (H + 1) * len(contexts) > SMALL_SLO:
+            V = _grid_violations(slo, np.array(T), base_tokens, order, np.array(gains).T)
+        else:
+            V = [[0.0] * (M + 1) for _ in range(H + 1)]
+            for m in range(M + 1):
+                for h in range(H + 1):
+                    e = list(base_tokens)
+                    for r, i in enumerate(order[:m]):
+                        e[i] += gains[r][h]
+                    V[h][m] = slo.worst_cell(T[h][m], e)
+        return np.array(T), np.array(E), np.array(V), order
     gain = _gains([prefix[cont[k]] for k in rank], [future[k] for k in rank], H)  # [H+1, M]
-    times = _cell_times if M * H <= SMALL_GRID else _grid_times
-    T, E = times(cm, contexts, drafted, base_tokens, order, gain,
-                 [len(future[k]) for k in rank], [first_width[k] for k in rank], sunk)
+    T, E = _grid_times(cm, contexts, drafted, base_tokens, order, gain,
+                       [len(future[k]) for k in rank], [first_width[k] for k in rank], sunk)
     if not slo.active:
         return T, E, np.full(T.shape, -1.0), order
-    B = len(contexts)
-    e = np.broadcast_to(np.asarray(base_tokens, dtype=float), (H + 1, M + 1, B)).copy()
-    top = np.arange(M)[None, :] < np.arange(M + 1)[:, None]  # [M+1, M]: rank r among the top m
+    return T, E, _grid_violations(slo, T, base_tokens, order, gain), order
+
+
+SMALL_SLO = 96  # candidate x request pairs up to which SLO checks run in plain Python
+
+
+def _grid_violations(slo: SLOState, T: np.ndarray, base_tokens: list[float], order: list[int],
+                     gain: np.ndarray) -> np.ndarray:
+    """Worst SLO violation of every (h, m) cell: the top m ranked requests gain gain[h, rank]."""
+    (H1, M1), B, M = T.shape, len(base_tokens), len(order)
+    e = np.broadcast_to(np.asarray(base_tokens, dtype=float), (H1, M1, B)).copy()
+    top = np.arange(M)[None, :] < np.arange(M1)[:, None]  # [M+1, M]: rank r among the top m
     e[:, :, order] += gain[:, None, :] * top[None, :, :]
-    return T, E, slo.worst(T, e), order
+    return slo.worst(T, e)
 
 
 def _grid_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
@@ -141,11 +222,11 @@ def _grid_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
 
 
 def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
-                order: list[int], gain: np.ndarray, horizons: list[int], widths: list[int],
+                order: list[int], gains: list[list[float]], horizons: list[int], widths: list[int],
                 sunk: float):
-    """`_grid_times` cell by cell with running sums (a cell costs a few scalar predictions)."""
-    B, M, H = len(contexts), len(order), gain.shape[0] - 1
-    gains = gain.T.tolist()
+    """`_grid_times` cell by cell with running sums (a cell costs a few scalar predictions); gains
+    per rank ([M][H+1], from `_gains_small`). Returns plain lists [H+1][M+1]."""
+    B, M, H = len(contexts), len(order), len(gains[0]) - 1 if gains else 0
     ends = [c + d for c, d in zip(contexts, drafted, strict=True)]
     T = [[0.0] * (M + 1) for _ in range(H + 1)]
     E = [[0.0] * (M + 1) for _ in range(H + 1)]
@@ -180,7 +261,7 @@ def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
                 verify = cm.predict_verify(B, new_tokens[h] / B + 1, (sum(contexts) + new_tokens[h]) / B)
             T[h][m] = sunk + draft + verify + cm.predict_overhead(B, new_tokens[h])
             E[h][m] = tokens[h]
-    return np.array(T), np.array(E)
+    return T, E
 
 
 def _draft_times(cm: CostModel, horizon: np.ndarray, width: np.ndarray, ends: np.ndarray, H: int):
@@ -211,9 +292,22 @@ def prune_sequence(cm: CostModel, slo: SLOState, contexts: list[int], drafted: l
     B = len(contexts)
     removals = sorted((p, -j, i) for i, ps in enumerate(prefix_probs) for j, p in enumerate(ps))
     who = [i for _, _, i in removals]
-    verify_times = _prune_verify_cells if len(who) * B <= SMALL_GRID else _prune_verify_grid
-    T = sunk + verify_times(cm, contexts, drafted, who) + cm.predict_overhead(B, sum(drafted))
     tokens = B + sum(sum(ps) for ps in prefix_probs)
+    if len(who) * B <= SMALL_GRID:  # a few positions: plain Python, same arithmetic
+        overhead = cm.predict_overhead(B, sum(drafted))
+        T = [sunk + v + overhead for v in _prune_verify_cells(cm, contexts, drafted, who)]
+        E, lost = [tokens], [0.0] * B
+        for p, _, _ in removals:
+            E.append(E[-1] - p)
+        V = [-1.0] * len(T)
+        if slo.active:
+            sums = [1 + sum(ps) for ps in prefix_probs]
+            V[0] = slo.worst_cell(T[0], [s - x for s, x in zip(sums, lost, strict=False)])
+            for r, (p, _, i) in enumerate(removals, start=1):
+                lost[i] += p
+                V[r] = slo.worst_cell(T[r], [s - x for s, x in zip(sums, lost, strict=False)])
+        return np.array(T), np.array(E), np.array(V), who
+    T = sunk + _prune_verify_grid(cm, contexts, drafted, who) + cm.predict_overhead(B, sum(drafted))
     E = np.subtract.accumulate(np.array([tokens] + [p for p, _, _ in removals]))  # in removal order
     if not slo.active:
         return T, E, np.full(len(T), -1.0), who
@@ -244,7 +338,7 @@ def _prune_verify_cells(cm: CostModel, contexts: list[int], drafted: list[int], 
     for n in lengths:
         at_length[n] += 1
     total, ends = sum(lengths), [c + n for c, n in zip(contexts, lengths, strict=True)]
-    out = []
+    out: list[float] = []
     for r in range(len(who) + 1):
         if r:
             i = who[r - 1]
@@ -258,4 +352,4 @@ def _prune_verify_cells(cm: CostModel, contexts: list[int], drafted: list[int], 
             out.append(cm.predict_verify(B, width + 1, max(ends)))
         else:
             out.append(cm.predict_verify(B, total / B + 1, sum(ends) / B))
-    return np.array(out)
+    return out
