@@ -56,6 +56,22 @@ def test_grid_paths_identical(monkeypatch):
                 assert np.array_equal(a, b)
 
 
+def test_next_token_options_match_the_grid(monkeypatch):
+    """keep_drafting's lean evaluator is the continuation grid's h=1 row, value for value."""
+    rng = random.Random(3)
+    for _ in range(200):
+        cm, slo, contexts, drafted, base, prefix, cont, future, _, sunk = _random_case(rng)
+        nxt = [f[0] for f in future]
+        monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
+        T, E, V, order = efficiency.continuation_grid(cm, slo, contexts, drafted, base, prefix, cont,
+                                                      [[a] for a in nxt], [1] * len(cont), sunk)
+        t, e, v, o = efficiency.next_token_options(cm, slo, contexts, drafted, base, prefix, cont, nxt, sunk)
+        assert o == order and t == T[1].tolist() and e == E[1].tolist() and v == V[1].tolist()
+        aware = rng.random() < 0.5
+        monkeypatch.setattr(efficiency, "SMALL_PICK", 0)  # numpy's argmax
+        assert efficiency.pick_small(t, e, v, aware) == efficiency.pick(T[1], E[1], V[1], aware)
+
+
 def test_small_pick_matches_numpy(monkeypatch):
     rng = random.Random(2)
     for _ in range(300):

@@ -23,7 +23,14 @@ from adaspec.spec.acceptance import AcceptanceModel
 from adaspec.spec.control import ControlledPolicy
 from adaspec.spec.cost_model import CostModel
 from adaspec.spec.decisions import candidate
-from adaspec.spec.efficiency import SLOState, continuation_grid, pick, prune_sequence
+from adaspec.spec.efficiency import (
+    SLOState,
+    continuation_grid,
+    next_token_options,
+    pick,
+    pick_small,
+    prune_sequence,
+)
 from adaspec.spec.policy import BatchView, fit_limits
 
 
@@ -116,15 +123,14 @@ class AdaSpecPolicy(ControlledPolicy):
             return active
         reqs, pp = batch.requests, self._prefix_probs
         drafted = [len(r.confidences) for r in reqs]
-        T, E, V, order = continuation_grid(
+        T, E, V, order = next_token_options(
             self.costs, self._slo, [r.context_len for r in reqs], drafted, [1 + sum(ps) for ps in pp],
-            [ps[-1] if ps else 1.0 for ps in pp], cont, [[self._unseen[i][drafted[i]]] for i in cont],
-            [1] * len(cont), self._sunk_draft_time(batch))
-        m = int(pick(T[1], E[1], V[1], self.slo_aware))
+            [ps[-1] if ps else 1.0 for ps in pp], cont, [self._unseen[i][drafted[i]] for i in cont],
+            self._sunk_draft_time(batch))
+        m = pick_small(T, E, V, self.slo_aware)
         keep = set(order[:m])
-        self.log.add("draft", [candidate(f"m={k}", E[1, k], T[1, k], V[1, k], m=k)
-                               for k in sorted({0, m, len(cont)})],
-                     candidate(f"m={m}", E[1, m], T[1, m], V[1, m], m=m), drafted=drafted[cont[0]])
+        self.log.add("draft", [candidate(f"m={k}", E[k], T[k], V[k], m=k) for k in sorted({0, m, len(cont)})],
+                     candidate(f"m={m}", E[m], T[m], V[m], m=m), drafted=drafted[cont[0]])
         return [a and i in keep for i, a in enumerate(active)]
 
     def prune(self, batch: BatchView) -> list[int]:

@@ -80,7 +80,7 @@ class SLOState:
 def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool):
     """Index of the chosen candidate along the last axis (one per row for 2-D input)."""
     if t.ndim == 1 and len(t) <= SMALL_PICK:
-        return _pick_small(t.tolist(), e.tolist(), v.tolist(), slo_aware)
+        return pick_small(t.tolist(), e.tolist(), v.tolist(), slo_aware)
     eff = e / np.maximum(t, 1e-12)
     if slo_aware:
         feasible = v <= 0
@@ -92,8 +92,8 @@ def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool):
 SMALL_PICK = 64  # candidates up to which `pick` runs in plain Python
 
 
-def _pick_small(t: list[float], e: list[float], v: list[float], slo_aware: bool) -> int:
-    """`pick` for one row, in plain Python (same comparisons, first maximum wins)."""
+def pick_small(t: list[float], e: list[float], v: list[float], slo_aware: bool) -> int:
+    """`pick` for one row of plain lists (same comparisons, first maximum wins)."""
     allowed = [True] * len(t)
     if slo_aware:
         if any(x <= 0 for x in v):
@@ -184,6 +184,28 @@ def continuation_grid(cm: CostModel, slo: SLOState, contexts: list[int], drafted
     if not slo.active:
         return T, E, np.full(T.shape, -1.0), order
     return T, E, _grid_violations(slo, T, base_tokens, order, gain), order
+
+
+def next_token_options(cm: CostModel, slo: SLOState, contexts: list[int], drafted: list[int],
+                       base_tokens: list[float], prefix: list[float], cont: list[int],
+                       next_acc: list[float], sunk: float):
+    """`continuation_grid`'s h=1 row, as plain lists over m = 0..M: "the top m requests of `cont`
+    draft one more token" (the drafter's question after every draft forward, so kept lean; same
+    values as the grid). next_acc[k]: look-ahead acceptance of cont[k]'s next token."""
+    M = len(cont)
+    rank = sorted(range(M), key=lambda k: -prefix[cont[k]] * next_acc[k])
+    order = [cont[k] for k in rank]
+    gains = [[0.0, prefix[cont[k]] * next_acc[k]] for k in rank]
+    T, E = _cell_times(cm, contexts, drafted, base_tokens, order, gains, [1] * M, [1] * M, sunk)
+    T, E = T[1], E[1]
+    if not slo.active:
+        return T, E, [-1.0] * (M + 1), order
+    e = list(base_tokens)
+    V = [slo.worst_cell(T[0], e)]
+    for m in range(1, M + 1):
+        e[order[m - 1]] += gains[m - 1][1]
+        V.append(slo.worst_cell(T[m], e))
+    return T, E, V, order
 
 
 SMALL_SLO = 96  # candidate x request pairs up to which SLO checks run in plain Python
