@@ -8,7 +8,9 @@ Closed loop: at concurrency c, c requests are in flight at every moment; when on
 prompt is sent. Every policy sees the same prompts in the same order at every level. Output length
 rule: a fixed --max-tokens per request, greedy, ignore_eos (Spec-Bench carries no lengths). Prompts
 longer than --max-prompt-tokens keep their first tokens. Each policy gets its own engine, warmed up
-on two short requests, and keeps what it learned across levels (as a server would).
+on two short requests, and keeps what it learned across levels (as a server would). Levels run in
+order, and within a level the policies take turns (order rotated per --repeats), so slow phases
+of a shared machine fall on all policies alike; the report quotes the per-repeat spread.
 
 Metrics follow vLLM's benchmark: TPOT per request = (E2E - TTFT) / (output tokens - 1); SLO
 attainment = share of requests whose TPOT is within the TPOT SLO (and TTFT within --ttft-slo-ms if
@@ -37,6 +39,7 @@ from adaspec.bench.report import git_commit
 from adaspec.engine.sequence import SLO
 from adaspec.llm import DEFAULT_PAIR, build_engine
 from adaspec.spec.acceptance import measure_calibration, outcomes_from_telemetry
+from adaspec.spec.decisions import compact
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = "none,static:1,static:3,static:5,threshold,smartspec,adaspec-drafter,adaspec-noslo,adaspec"
@@ -96,6 +99,32 @@ def run_level(engine, prompts: list[list[int]], concurrency: int, num_requests: 
 
 
 
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (policy, concurrency): request-weighted means over the repeats, the worst P99,
+    and the per-repeat mean TPOTs (their min-max range is the spread the report quotes)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["policy"], r["concurrency"]), []).append(r)
+    out = []
+    for (policy, c), rs in groups.items():
+        n = sum(r["requests"] for r in rs)
+        row = {**rs[-1], "policy": policy, "concurrency": c, "requests": n,
+               "failed": sum(r["failed"] for r in rs), "duration_s": sum(r["duration_s"] for r in rs),
+               "output_tokens": sum(r["output_tokens"] for r in rs)}
+        row["throughput_tok_s"] = row["output_tokens"] / row["duration_s"]
+        for key in ("tpot_mean_ms", "ttft_mean_ms", "slo_attainment", "acceptance_rate",
+                    "mean_acceptance_length", "mean_speculation_length"):
+            row[key] = sum(r[key] * r["requests"] for r in rs) / n
+        row["tpot_median_ms"] = statistics.median(r["tpot_median_ms"] for r in rs)
+        row["tpot_p99_ms"] = max(r["tpot_p99_ms"] for r in rs)
+        row["ttft_p99_ms"] = max(r["ttft_p99_ms"] for r in rs)
+        row["tpot_mean_by_repeat_ms"] = [r["tpot_mean_ms"] for r in rs]
+        row["repeats"] = len(rs)
+        row.pop("repeat", None)
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_PAIR / "target"))
@@ -116,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--reprofile", action="store_true")
     ap.add_argument("--save-decisions", type=Path, help="directory for each policy's decision log (JSONL)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every level this many times (policy order rotated); the report gives the "
+                         "pooled figures and the spread of the per-repeat mean TPOT")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "policies_closed_loop")
     a = ap.parse_args(argv)
     if not a.prompts.exists():
@@ -154,35 +186,51 @@ def main(argv=None) -> int:
                          a.temperature, SLO())
         slo_ms = 1.5 * base["tpot_median_ms"]
         print(f"TPOT SLO: {slo_ms:.1f} ms (1.5x the median TPOT of 'none' at concurrency 1)", flush=True)
+        del engines["none"]
     slo = SLO(slo_ms / 1e3, None if a.ttft_slo_ms is None else a.ttft_slo_ms / 1e3)
-    extra: dict = {}
+    # Every policy keeps its own engine for the whole run (it learns across levels, as a server
+    # would). Levels are the outer loop and the policies take turns within a level, in an order
+    # rotated per repeat, so a slow phase of a shared machine hits them alike, not one policy.
     for name in policies:
-        engine = engines.get(name) or engine_for(name, slo_ms)
-        if name not in engines:
-            prepare(engine)
-        policy, cm = engine.policy, getattr(engine.policy, "cost_model", None)
+        engines[name] = engine_for(name, slo_ms)
+        prepare(engines[name])
+    if a.save_decisions is not None:
+        a.save_decisions.mkdir(parents=True, exist_ok=True)
+        for name in policies:
+            (a.save_decisions / f"{name.replace(':', '_')}.jsonl").unlink(missing_ok=True)
+    for rep in range(a.repeats):
         for c in levels:
-            seen = cm.observed_steps if cm is not None else 0
-            row = {"policy": name, **run_level(engine, prompt_ids, c, a.requests_per_level or max(8, 2 * c),
-                                                a.max_tokens, a.temperature, slo)}
-            if cm is not None:
-                row["step_time_error"] = cm.error_report(last=cm.observed_steps - seen)
-            results.append(row)
-            print(f"{name:>15} c={c:>2}: TPOT mean {row['tpot_mean_ms']:7.1f} ms, "
-                  f"p99 {row['tpot_p99_ms']:7.1f}, SLO {row['slo_attainment']:.2f}, "
-                  f"acceptance {row['acceptance_rate']:.2f}, "
-                  f"spec length {row['mean_speculation_length']:.2f}", flush=True)
+            for k in range(len(policies)):
+                name = policies[(k + rep) % len(policies)]
+                engine = engines[name]
+                cm = getattr(engine.policy, "cost_model", None)
+                seen = cm.observed_steps if cm is not None else 0
+                row = {"policy": name, "repeat": rep,
+                       **run_level(engine, prompt_ids, c, a.requests_per_level or max(8, 2 * c),
+                                   a.max_tokens, a.temperature, slo)}
+                if cm is not None:
+                    row["step_time_error"] = cm.error_report(last=cm.observed_steps - seen)
+                results.append(row)
+                print(f"[{rep}] {name:>15} c={c:>2}: TPOT mean {row['tpot_mean_ms']:7.1f} ms, "
+                      f"p99 {row['tpot_p99_ms']:7.1f}, SLO {row['slo_attainment']:.2f}, "
+                      f"acceptance {row['acceptance_rate']:.2f}, "
+                      f"spec length {row['mean_speculation_length']:.2f}", flush=True)
+                log = getattr(engine.policy, "log", None)
+                if a.save_decisions is not None and log is not None:
+                    with open(a.save_decisions / f"{name.replace(':', '_')}.jsonl", "a") as f:
+                        for rec in log.records:
+                            f.write(json.dumps({**compact(rec), "concurrency": c, "repeat": rep}) + "\n")
+                    log.records.clear()
+    extra: dict = {}
+    for name, engine in engines.items():
+        policy, cm = engine.policy, getattr(engine.policy, "cost_model", None)
         extra[name] = {"calibration_from_telemetry": measure_calibration(
             outcomes_from_telemetry(engine.telemetry))}
         if hasattr(policy, "describe"):
             extra[name]["policy"] = {k: v for k, v in policy.describe().items() if k != "cost_model"}
         if cm is not None:
             extra[name]["step_time_error"] = cm.error_report()
-        if a.save_decisions is not None and hasattr(policy, "log"):
-            a.save_decisions.mkdir(parents=True, exist_ok=True)
-            policy.log.to_jsonl(a.save_decisions / f"{name.replace(':', '_')}.jsonl")
-        engines.pop(name, None)
-        del engine
+    results = aggregate(results)
 
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -192,7 +240,8 @@ def main(argv=None) -> int:
             "prompts": str(a.prompts), "num_prompts": len(prompt_ids), "max_prompt_tokens": limit,
             "output_length_rule": f"fixed {a.max_tokens} tokens, ignore_eos", "temperature": a.temperature,
             "tpot_slo_ms": slo_ms, "ttft_slo_ms": a.ttft_slo_ms, "K": a.num_speculative_tokens,
-            "closed_loop": "concurrency c: c requests in flight; a finished request is replaced at once"}
+            "closed_loop": "concurrency c: c requests in flight; a finished request is replaced at once",
+            "repeats": a.repeats}
     res = {"meta": meta, "results": results, "per_policy": extra}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
@@ -213,8 +262,8 @@ def render(res: dict, levels: list[int], policies: list[str]) -> str:
     for c in levels:
         base = by.get(("none", c))
         lines += [f"## Concurrency {c}", "",
-                  "| policy | TPOT mean (ms) | median | P99 | speedup | SLO att. | accept. rate | "
-                  "spec. length | tok/s | step-time error |", "|---|" + "---|" * 9]
+                  "| policy | TPOT mean (ms) (range over repeats) | median | P99 | speedup | SLO att. | "
+                  "accept. rate | spec. length | tok/s | step-time error |", "|---|" + "---|" * 9]
         for p in policies:
             r = by.get((p, c))
             if r is None:
@@ -222,7 +271,9 @@ def render(res: dict, levels: list[int], policies: list[str]) -> str:
             speed = f"{base['tpot_mean_ms'] / r['tpot_mean_ms']:.2f}x" if base else "-"
             err = r.get("step_time_error", {})
             err_s = f"{100 * err['mape']:.0f}%" if err.get("steps") else "-"
-            lines.append(f"| {p} | {r['tpot_mean_ms']:.1f} | {r['tpot_median_ms']:.1f} | "
+            by_rep = r.get("tpot_mean_by_repeat_ms", [])
+            spread = f" ({min(by_rep):.1f}-{max(by_rep):.1f})" if len(by_rep) > 1 else ""
+            lines.append(f"| {p} | {r['tpot_mean_ms']:.1f}{spread} | {r['tpot_median_ms']:.1f} | "
                          f"{r['tpot_p99_ms']:.1f} | {speed} | {r['slo_attainment']:.2f} | "
                          f"{r['acceptance_rate']:.2f} | "
                          f"{r['mean_speculation_length']:.2f} | {r['throughput_tok_s']:.1f} | {err_s} |")

@@ -13,14 +13,15 @@ from collections import deque
 from pathlib import Path
 
 
-def _compact(x):
-    """Floats to 6 significant digits, recursively: done once at export, not in the hot path."""
+def compact(x):
+    """Floats to 6 significant digits (clock readings to the microsecond), recursively: done once
+    at export, not in the hot path."""
     if isinstance(x, float):
-        return float(f"{x:.6g}")
+        return round(x, 6) if abs(x) >= 1 else float(f"{x:.6g}")
     if isinstance(x, dict):
-        return {k: _compact(v) for k, v in x.items()}
+        return {k: compact(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_compact(v) for v in x]
+        return [compact(v) for v in x]
     return x
 
 
@@ -94,7 +95,7 @@ class DecisionLog:
     def to_jsonl(self, path: str | Path) -> None:
         with open(path, "w") as f:
             for r in self.records:
-                f.write(json.dumps(_compact(r)) + "\n")
+                f.write(json.dumps(compact(r)) + "\n")
 
     @staticmethod
     def read_jsonl(path: str | Path) -> list[dict]:
