@@ -42,6 +42,9 @@ class KnownAcceptance(AcceptanceModel):
     def predict_unseen(self, request_id, position):
         return self.rates[request_id]
 
+    def needs_evidence(self, q):
+        return False  # known in closed form: nothing to explore
+
 
 def request(rid, context=20, cap=8, **kw):
     kw.setdefault("output_tokens", 5)
@@ -180,17 +183,43 @@ def test_tight_slo_leaves_only_no_speculation():
     assert plan["choice"]["violation"] <= 0 and all(c["violation"] > 0 for c in plan["candidates"][1:])
 
 
-def test_infeasible_slo_minimises_worst_violation():
-    """'a' is behind its SLO whatever we do; speculation helps a, though it costs the batch."""
+def test_infeasible_slo_counts_requests_not_the_worst_one():
+    """'a' is late whatever we do: it must not hold the batch back (the choice is then the most
+    efficient one); but when speculating on 'a' brings it back within its SLO, that is chosen,
+    though it costs the batch."""
     cost = CostModel.linear(draft_step=4 * MS, verify_step=10 * MS, verify_per_token=0.5 * MS, padded=False)
     rates = {"a": 0.9, "b": 0.05, "c": 0.05, "d": 0.05}
-    reqs = [request("a", output_tokens=11, since_first_token=0.4, tpot_slo=20 * MS)]
-    reqs += [request(r) for r in "bcd"]
-    assert drive(adaspec(cost, rates, "adaspec-noslo"), BatchView(reqs, 8))[1] == [0, 0, 0, 0]
-    reqs = [request("a", output_tokens=11, since_first_token=0.4, tpot_slo=20 * MS)]
-    reqs += [request(r) for r in "bcd"]
-    drafted = drive(adaspec(cost, rates), BatchView(reqs, 8))[1]
+
+    def batch(spent):
+        reqs = [request("a", output_tokens=11, since_first_token=spent, tpot_slo=20 * MS)]
+        return BatchView(reqs + [request(r) for r in "bcd"], 8)
+
+    assert drive(adaspec(cost, rates, "adaspec-noslo"), batch(0.4))[1] == [0, 0, 0, 0]
+    assert drive(adaspec(cost, rates), batch(0.4))[1] == [0, 0, 0, 0]  # hopeless: efficiency
+    pol = adaspec(cost, rates)
+    drafted = drive(pol, batch(20 * MS * 11 - 8 * MS))[1]  # 1 token a step leaves 'a' just over
     assert drafted[0] > 0 and drafted[1:] == [0, 0, 0]
+    plan = pol.log._current["phases"][0]
+    assert plan["candidates"][0]["violation"] == 1.0 and plan["choice"]["violation"] <= 0
+
+
+def test_verifier_explores_where_calibration_lacks_evidence():
+    """An under-confident draft (q = 0.05) looks worthless to a fresh calibration, and verifying
+    costs a lot: the verifier would drop every draft and never learn. It keeps one token per
+    request until the bin has `min_evidence` verified tokens, then trusts what it learned."""
+    from adaspec.spec.acceptance import AcceptanceModel
+
+    cost = CostModel.linear(draft_step=0.1 * MS, verify_step=10 * MS, verify_per_token=6 * MS, padded=False)
+    pol = AdaSpecPolicy.variant("adaspec-noslo", cost)
+    pol.acceptance = AcceptanceModel(min_evidence=8)
+    pol.acceptance.unseen_prior = 0.99  # the look-ahead is optimistic: the plan drafts
+    first = drive(pol, BatchView([request("a"), request("b")], 8), lambda i, j: 0.05)
+    assert first[2] == [1, 1]  # nothing known about q ~ 0.05 yet: verify one token each
+    for k in range(8):  # the outcomes: such tokens are rejected
+        pol.acceptance.observe(f"x{k}", [0.05], 0)
+    assert not pol.acceptance.needs_evidence(0.05)
+    again = drive(pol, BatchView([request("c"), request("d")], 8), lambda i, j: 0.05)
+    assert again[1] == [0, 0] or again[2] == [0, 0]  # known to be worthless: not verified
 
 
 def test_waiting_request_ttft_counts_when_the_queue_matters():

@@ -144,6 +144,11 @@ class AdaSpecPolicy(ControlledPolicy):
         lengths = list(drafted)
         for i in removals[:r]:
             lengths[i] -= 1
+        # Explore: verify one token where the calibration has too little evidence to be trusted
+        # (a token never verified never corrects a pessimistic prior).
+        for i, req in enumerate(batch.requests):
+            if drafted[i] and not lengths[i] and self.acceptance.needs_evidence(req.confidences[0]):
+                lengths[i] = 1
         cands = [candidate(f"drop={k}", E[k], T[k], V[k], drop=k) for k in sorted({0, r, len(removals)})]
         self.log.add("prune", cands, candidate(f"drop={r}", E[r], T[r], V[r], drop=r), lengths=lengths)
         return lengths

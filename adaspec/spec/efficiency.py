@@ -8,7 +8,10 @@ violation V over its candidates; `pick` chooses among them:
 - efficiency only: the highest E / T;
 - SLO-aware: the highest E / T among candidates whose predicted step keeps every running request's
   TPOT within its SLO (and every waiting request's TTFT, when a queue exists); if none does, the
-  smallest worst violation.
+  highest E / T among those that put the fewest requests over their SLO. (Not the smallest worst
+  violation: SLO attainment counts requests, and one request that is late whatever we do would
+  otherwise set the whole batch's speed: measured, it made the verifier drop every draft, step
+  after step, under overload.)
 
 Ties go to the first candidate, which every evaluator makes the least speculative one.
 """
@@ -55,26 +58,29 @@ class SLOState:
                            self.remaining.tolist(), self.wait_rank.tolist(), self.waited.tolist(),
                            self.ttft.tolist())
         spent, done, tpot, remaining, rank, waited, ttft = self._lists
-        v = max((s + t) / max(d + x, 1e-9) / b - 1 for s, d, x, b in zip(spent, done, e, tpot, strict=False))
+        over = [(s + t) / max(d + x, 1e-9) / b - 1 for s, d, x, b in zip(spent, done, e, tpot, strict=True)]
         if ttft:
-            frees = [f * t for f in sorted(r / x for r, x in zip(remaining, e, strict=False))]
-            for k, w, sl in zip(rank, waited, ttft, strict=False):
-                vw = (w + frees[k]) / sl - 1 if math.isfinite(frees[k]) else -math.inf
-                v = max(v, vw)
-        return v
+            frees = [f * t for f in sorted(r / x for r, x in zip(remaining, e, strict=True))]
+            over += [(w + frees[k]) / sl - 1 if math.isfinite(frees[k]) else -math.inf
+                     for k, w, sl in zip(rank, waited, ttft, strict=True)]
+        v = max(over)
+        return float(sum(1 for x in over if x > 0)) if v > 0 else v
 
     def worst(self, t: np.ndarray, e: np.ndarray) -> np.ndarray:
-        """Worst violation per candidate; t: [S] step times, e: [S, B] tokens per request."""
+        """Per candidate (t: [S] step times, e: [S, B] tokens per request): when every SLO holds,
+        the worst margin (<= 0, the most negative is the safest); otherwise the number of requests,
+        running or waiting, predicted over their SLO (>= 1)."""
         if not self.active:
             return np.full(np.shape(t), -1.0)
         t = np.asarray(t, dtype=float)[..., None]
-        v = ((self.spent + t) / np.maximum(self.done + e, 1e-9) / self.tpot - 1).max(-1)
+        over = (self.spent + t) / np.maximum(self.done + e, 1e-9) / self.tpot - 1
         if len(self.ttft):
             frees = np.sort(self.remaining / e, axis=-1) * t  # seconds until the k-th slot frees
             wait = frees[..., self.wait_rank]
             vw = np.where(np.isfinite(wait), (self.waited + wait) / self.ttft - 1, -np.inf)
-            v = np.maximum(v, vw.max(-1))
-        return v
+            over = np.concatenate([over, vw], axis=-1)
+        v = over.max(-1)
+        return np.where(v > 0, (over > 0).sum(-1).astype(float), v)
 
 
 def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool):
