@@ -7,10 +7,11 @@
 Closed loop: at concurrency c, c requests are in flight at every moment; when one finishes the next
 prompt is sent. Every policy sees the same prompts in the same order at every level. Output length
 rule: a fixed --max-tokens per request, greedy, ignore_eos (Spec-Bench carries no lengths). Prompts
-longer than --max-prompt-tokens keep their first tokens. Each policy gets its own engine, warmed up
-on two short requests, and keeps what it learned across levels (as a server would). Levels run in
-order, and within a level the policies take turns (order rotated per --repeats), so slow phases
-of a shared machine fall on all policies alike; the report quotes the per-repeat spread.
+longer than --max-prompt-tokens keep their first tokens. Each policy gets its own engine, warmed
+up on --warmup-requests requests, and keeps what it learned across levels (as a server would).
+Levels run in order, and within a level the policies take turns (order rotated per --repeats), so
+slow phases of a shared machine fall on all policies alike; the report quotes the per-repeat
+spread.
 
 Metrics follow vLLM's benchmark: TPOT per request = (E2E - TTFT) / (output tokens - 1); SLO
 attainment = share of requests whose TPOT is within the TPOT SLO (and TTFT within --ttft-slo-ms if
@@ -145,6 +146,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--reprofile", action="store_true")
     ap.add_argument("--save-decisions", type=Path, help="directory for each policy's decision log (JSONL)")
+    ap.add_argument("--warmup-requests", type=int, default=8,
+                    help="requests each engine serves (all at once) before measuring: compiled paths "
+                         "and, for learning policies, first acceptance and step-time observations")
+    ap.add_argument("--warmup-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every level this many times (policy order rotated); the report gives the "
                          "pooled figures and the spread of the per-repeat mean TPOT")
@@ -172,8 +177,8 @@ def main(argv=None) -> int:
             limit = min(a.max_prompt_tokens, engine.max_model_len - a.max_tokens - 1)
             tok = engine.tokenizer
             prompt_ids = [tok(p)["input_ids"][:limit] for p in load_prompts(a.prompts, a.num_prompts)]
-        warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-        for p in prompt_ids[:2]:
+        warm = SamplingParams(temperature=0, max_tokens=a.warmup_tokens, ignore_eos=True)
+        for p in prompt_ids[-a.warmup_requests:]:  # the last prompts: the first ones are measured first
             engine.add_request(p, warm)
         while engine.has_unfinished():
             engine.step()
@@ -241,7 +246,7 @@ def main(argv=None) -> int:
             "output_length_rule": f"fixed {a.max_tokens} tokens, ignore_eos", "temperature": a.temperature,
             "tpot_slo_ms": slo_ms, "ttft_slo_ms": a.ttft_slo_ms, "K": a.num_speculative_tokens,
             "closed_loop": "concurrency c: c requests in flight; a finished request is replaced at once",
-            "repeats": a.repeats}
+            "repeats": a.repeats, "warmup": f"{a.warmup_requests} requests x {a.warmup_tokens} tokens"}
     res = {"meta": meta, "results": results, "per_policy": extra}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
