@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--reprofile", action="store_true")
     ap.add_argument("--save-decisions", type=Path, help="directory for each policy's decision log (JSONL)")
+    ap.add_argument("--export-telemetry", type=Path, help="directory for each engine's step telemetry (JSONL)")
     ap.add_argument("--warmup-requests", type=int, default=8,
                     help="requests each engine serves (all at once) before measuring: compiled paths "
                          "and, for learning policies, first acceptance and step-time observations")
@@ -226,6 +227,10 @@ def main(argv=None) -> int:
                         for rec in log.records:
                             f.write(json.dumps({**compact(rec), "concurrency": c, "repeat": rep}) + "\n")
                     log.records.clear()
+    if a.export_telemetry is not None:  # e.g. for `adaspec simulate --acceptance empirical:FILE`
+        a.export_telemetry.mkdir(parents=True, exist_ok=True)
+        for name, engine in engines.items():
+            engine.export_telemetry(a.export_telemetry / f"{name.replace(':', '_')}.jsonl")
     extra: dict = {}
     for name, engine in engines.items():
         policy, cm = engine.policy, getattr(engine.policy, "cost_model", None)
