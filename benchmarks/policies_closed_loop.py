@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--reprofile", action="store_true")
     ap.add_argument("--save-decisions", type=Path, help="directory for each policy's decision log (JSONL)")
-    ap.add_argument("--export-telemetry", type=Path, help="directory for each engine's step telemetry (JSONL)")
+    ap.add_argument("--export-telemetry", type=Path,
+                    help="directory for each engine's step telemetry (JSONL)")
     ap.add_argument("--warmup-requests", type=int, default=8,
                     help="requests each engine serves (all at once) before measuring: compiled paths "
                          "and, for learning policies, first acceptance and step-time observations")
