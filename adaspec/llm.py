@@ -81,11 +81,13 @@ def build_engine(model: str | Path | None = None, draft_model: str | Path | None
                  max_num_seqs: int = 32, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, device: str = "cpu", dtype=None,
                  seed: int = 0, slo_tpot_ms: float | None = None,
-                 slo_ttft_ms: float | None = None, reprofile: bool = False) -> LLMEngine:
+                 slo_ttft_ms: float | None = None, reprofile: bool = False,
+                 decision_log_size: int | None = None) -> LLMEngine:
     """Load models and tokenizer and build an engine (shared by `LLM` and the server).
 
     A policy that predicts step times (adaspec, smartspec) and has no cost model gets one from the
-    start-up profile of this model pair on this device (cached; `reprofile` measures anew)."""
+    start-up profile of this model pair on this device (cached; `reprofile` measures anew). A policy
+    that keeps a decision log keeps its last `decision_log_size` steps (default: the policy's)."""
     if model is None:
         if draft_model is not None:
             raise ValueError("draft_model given without model")
@@ -107,6 +109,10 @@ def build_engine(model: str | Path | None = None, draft_model: str | Path | None
     if policy is None:
         policy = f"static:{min(4, num_speculative_tokens)}" if draft is not None else "none"
     pol = make_policy(policy, num_speculative_tokens)
+    if decision_log_size and getattr(pol, "log", None) is not None:
+        from adaspec.spec.decisions import DecisionLog
+
+        pol.log = DecisionLog(decision_log_size)
     max_model_len = max_model_len or min(target.config.max_position_embeddings, 4096)
     if draft is not None and draft.config.max_position_embeddings < max_model_len:
         raise ValueError(f"max_model_len={max_model_len} exceeds the draft model's "

@@ -27,7 +27,7 @@ def test_sweep_two_policies_writes_report(tiny_pair, tmp_path):
     assert rc == 1  # static:9 (k > K) could not start; the other two still ran and are reported
     for name in ("report.md", "summary.json", "summary.csv", "requests.jsonl", "tpot_cdf.png",
                  "slo_vs_level.png", "timeline.png", "server-none.log", "server-static-2.log",
-                 "server-static-9.log"):
+                 "server-static-9.log", "telemetry-none.jsonl", "telemetry-static_2.jsonl"):
         assert (out / name).stat().st_size > 0, name
     rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4  # policies x rate scales x requests (the 9 s arrival is cut)

@@ -207,6 +207,28 @@ def test_adaspec_policy_serves_and_reports_cost_model_error(tiny_pair):
         assert mape() >= 0
 
 
+def test_save_records_writes_telemetry_and_decisions(tiny_pair, tmp_path):
+    """`adaspec serve --save-telemetry/--save-decisions`: what the engine and the policy recorded
+    is written at shutdown, in the formats the simulator and replay read."""
+    from adaspec.server.serve import save_records
+    from adaspec.sim.acceptance_sim import AcceptanceSpec
+    from adaspec.spec.cost_model import CostModel
+    from adaspec.spec.decisions import DecisionLog
+    from adaspec.spec.policy import make_policy
+
+    policy = make_policy("adaspec", 4, cost_model=CostModel.linear(0.001, 0.002))
+    app = create_app(tiny_engine(tiny_pair, policy=policy), "tiny")
+    with serve_in_thread(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        c.completions.create(model="tiny", prompt=PROMPTS[0], **greedy(), extra_body={"ignore_eos": True})
+    save_records(app.state.adaspec.engine, str(tmp_path / "t.jsonl"), str(tmp_path / "d.jsonl"))
+    steps = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert {s["kind"] for s in steps} == {"prefill", "decode"}
+    AcceptanceSpec.fit_telemetry(str(tmp_path / "t.jsonl"), min_tested=1)  # the simulator reads it
+    decisions = DecisionLog.read_jsonl(tmp_path / "d.jsonl")
+    assert decisions and all("outcome" in r for r in decisions)
+
+
 def test_openapi_schema_is_the_real_contract(live):
     schema = httpx.get(live[0] + "/openapi.json").json()
     for path in ("/v1/completions", "/v1/chat/completions"):

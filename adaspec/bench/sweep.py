@@ -100,6 +100,9 @@ class ServerProcess:
             cmd += ["--model", c.model] + (["--draft-model", c.draft_model] if c.draft_model else [])
         if c.max_model_len:
             cmd += ["--max-model-len", str(c.max_model_len)]
+        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in self.policy)
+        cmd += ["--save-telemetry", str(self.log_path.with_name(f"telemetry-{stem}.jsonl")),
+                "--save-decisions", str(self.log_path.with_name(f"decisions-{stem}.jsonl"))]
         return cmd + list(c.server_args)
 
     def __enter__(self) -> str:

@@ -36,6 +36,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--save-telemetry", help="at shutdown, write the engine's per-step records (JSONL; "
+                   "`adaspec simulate --acceptance empirical:FILE` reads it)")
+    s.add_argument("--save-decisions", help="at shutdown, write the policy's decision log (JSONL), if it "
+                   "keeps one")
+    s.add_argument("--decision-log-size", type=int, default=5_000,
+                   help="steps the decision log keeps (the last ones)")
     s.set_defaults(fn=cmd_serve)
     return s
 
@@ -52,14 +58,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not 0 <= a.port <= 65535:
         raise ValueError("--port must be in [0, 65535]")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kwargs = engine_kwargs(a)
+    kwargs = {**engine_kwargs(a), "decision_log_size": a.decision_log_size}
     app = create_app(kwargs, a.served_model_name, a.api_key, a.max_waiting,
                      on_fatal=lambda: setattr(server, "should_exit", True))
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                             timeout_graceful_shutdown=a.shutdown_timeout)
     server = draining_server(config)
     server.run()
+    save_records(app.state.adaspec.engine, a.save_telemetry, a.save_decisions)
     return 1 if app.state.adaspec.load_error else 0
+
+
+def save_records(async_engine, telemetry_path: str | None, decisions_path: str | None) -> None:
+    """Write what the engine and its policy recorded, for analysis and simulation after a run."""
+    if async_engine is None:
+        return
+    engine = async_engine.engine
+    if telemetry_path:
+        engine.export_telemetry(telemetry_path)
+    log = getattr(engine.policy, "log", None)
+    if decisions_path and log is not None:
+        log.to_jsonl(decisions_path)
 
 
 def draining_server(config):
