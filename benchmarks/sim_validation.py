@@ -1,0 +1,117 @@
+"""Does the simulator reproduce the real engine? Compare a real replay with its simulation.
+
+    # 1. the real run (bench sweep keeps each server's telemetry in its results folder)
+    adaspec bench sweep --policies none,static:3,adaspec --trace T.csv ... --output-dir runs/real
+    # 2. this machine's cost profile and the acceptance seen in the real run
+    adaspec profile --output runs/profile.json
+    adaspec simulate --policies none,static:3,adaspec --trace T.csv ... (same workload flags) \\
+        --cost-model runs/profile.json --acceptance empirical:runs/real/telemetry-static_3.jsonl \\
+        --no-oracle --output-dir runs/sim
+    # 3. the comparison
+    python benchmarks/sim_validation.py runs/real runs/sim --out docs/sim_validation
+
+For every policy and level present in both summaries: mean TPOT, P99 TPOT, output throughput and
+SLO attainment, real vs simulated, the relative error (attainment: absolute difference, since it is
+a share), whether it is within the tolerance (15% by default), and whether the policies rank the
+same way by mean TPOT. Writes OUT.md and OUT.json; every number comes from the two summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+METRICS = (("tpot_mean_ms", "mean TPOT (ms)", lambda r: r["tpot_ms"]["mean"]),
+           ("tpot_p99_ms", "P99 TPOT (ms)", lambda r: r["tpot_ms"]["p99"]),
+           ("throughput_tok_s", "output tok/s", lambda r: r["output_throughput"]),
+           ("slo_attainment", "SLO attainment", lambda r: r["slo"]["attainment"]))
+
+
+def load(folder: Path) -> tuple[dict, dict]:
+    path = folder / "summary.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot read {path}: {exc}") from None
+    return d["meta"], {(r["policy"], r["level"]): r for r in d["runs"]}
+
+
+def compare(real: dict, sim: dict, tolerance: float) -> dict:
+    rows, levels = [], sorted({lv for _, lv in real} & {lv for _, lv in sim})
+    for key in sorted(real.keys() & sim.keys(), key=lambda k: (k[1], k[0])):
+        r, s = real[key], sim[key]
+        row = {"policy": key[0], "level": key[1]}
+        for name, _, get in METRICS:
+            a, b = get(r), get(s)
+            if a is None or b is None:
+                continue
+            err = abs(b - a) if name == "slo_attainment" else abs(b - a) / a if a else float("inf")
+            row[name] = {"real": a, "sim": b, "error": err, "within": err <= tolerance}
+        rows.append(row)
+    ranking = {}
+    for lv in levels:
+        here = [x for x in rows if x["level"] == lv and "tpot_mean_ms" in x]
+        real_order = [x["policy"] for x in sorted(here, key=lambda x: x["tpot_mean_ms"]["real"])]
+        sim_order = [x["policy"] for x in sorted(here, key=lambda x: x["tpot_mean_ms"]["sim"])]
+        ranking[str(lv)] = {"real": real_order, "sim": sim_order, "same": real_order == sim_order}
+    return {"rows": rows, "ranking": ranking, "tolerance": tolerance}
+
+
+def render(res: dict, real_meta: dict, sim_meta: dict, args: argparse.Namespace) -> str:
+    tol = res["tolerance"]
+    rows = res["rows"]
+    checks = [m for r in rows for k, m in r.items() if isinstance(m, dict)]
+    lines = ["# Simulator validation: a real replay and its simulation", "",
+             f"Real run: `{args.real}` ({real_meta.get('command', '')}).  ",
+             f"Simulation: `{args.sim}` ({sim_meta.get('command', '')}).  ",
+             f"Comparison: `python benchmarks/sim_validation.py {args.real} {args.sim}`. Tolerance "
+             f"{100 * tol:.0f}% relative (SLO attainment: {tol:.2f} absolute).", "",
+             f"**{sum(c['within'] for c in checks)} of {len(checks)} figures within tolerance; "
+             f"policy ranking by mean TPOT the same at "
+             f"{sum(v['same'] for v in res['ranking'].values())} of {len(res['ranking'])} levels.**", "",
+             "| policy | level | " + " | ".join(f"{label} real / sim (err)" for _, label, _ in METRICS)
+             + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for r in rows:
+        cells = []
+        for name, _, _ in METRICS:
+            m = r.get(name)
+            if m is None:
+                cells.append("-")
+                continue
+            fmt = "{:.2f}" if name == "slo_attainment" else "{:.1f}"
+            err = f"{m['error']:.2f}" if name == "slo_attainment" else f"{100 * m['error']:.0f}%"
+            flag = "" if m["within"] else " !"
+            cells.append(f"{fmt.format(m['real'])} / {fmt.format(m['sim'])} ({err}{flag})")
+        lines.append(f"| {r['policy']} | {r['level']} | " + " | ".join(cells) + " |")
+    lines += ["", "Ranking by mean TPOT (best first):", ""]
+    for lv, v in res["ranking"].items():
+        lines.append(f"- level {lv}: real {', '.join(v['real'])}; simulated {', '.join(v['sim'])}"
+                     f" ({'same' if v['same'] else 'different'})")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("real", type=Path, help="results folder of the real run (adaspec bench sweep)")
+    ap.add_argument("sim", type=Path, help="results folder of the simulation (adaspec simulate)")
+    ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--out", type=Path, default=Path("docs/sim_validation"))
+    a = ap.parse_args(argv)
+    real_meta, real = load(a.real)
+    sim_meta, sim = load(a.sim)
+    res = compare(real, sim, a.tolerance)
+    if not res["rows"]:
+        raise SystemExit("the two runs share no (policy, level)")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    a.out.with_suffix(".md").write_text(render(res, real_meta, sim_meta, a))
+    print(a.out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
