@@ -241,13 +241,15 @@ class CostModel:
 
     def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float) -> None:
         """Learn from one measured step (the prediction error is recorded first, prequentially)."""
-        ours, base = self.predict(shape), self.predict(shape, corrected=False)
+        base = self.predict(shape, corrected=False)
+        rows = 1 + len(shape.contexts) + sum(shape.drafted)
+        ours = StepTime(base.draft * self.draft_scale.value, base.verify * self.verify_scale.value,
+                        self.overhead_per_row * rows)  # = predict(shape), without predicting twice
         self._errors.append((step_time, ours.total, base.total))
         if ours.draft > 0 and draft_time > 0:
             self.draft_scale.update(draft_time, ours.draft / self.draft_scale.value)
         self.verify_scale.update(verify_time, ours.verify / self.verify_scale.value)
         if self.window:
-            rows = 1 + len(shape.contexts) + sum(shape.drafted)
             self._overheads.append(max(0.0, step_time - draft_time - verify_time) / rows)
             self.overhead_per_row = _median(self._overheads)
 

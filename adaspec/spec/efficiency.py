@@ -36,28 +36,32 @@ class SLOState:
 
     def __init__(self, batch: BatchView):
         reqs = batch.requests
-        self.tpot = np.array([r.tpot_slo or np.inf for r in reqs], dtype=float)
-        self.spent = np.array([r.since_first_token or 0.0 for r in reqs], dtype=float)
-        self.done = np.array([max(r.output_tokens - 1, 0) for r in reqs], dtype=float)
-        self.remaining = np.array([np.inf if r.remaining_tokens is None else r.remaining_tokens
-                                   for r in reqs], dtype=float)
+        inf = math.inf  # plain lists: most steps need a handful of scalar checks
+        self._tpot = [r.tpot_slo or inf for r in reqs]
+        self._spent = [r.since_first_token or 0.0 for r in reqs]
+        self._done = [float(max(r.output_tokens - 1, 0)) for r in reqs]
+        self._remaining = [inf if r.remaining_tokens is None else float(r.remaining_tokens) for r in reqs]
         queue = batch.waiting[:len(reqs)]
-        self.wait_rank = np.array([k for k, w in enumerate(queue) if w.ttft_slo], dtype=int)
-        self.waited = np.array([w.waited for w in queue if w.ttft_slo], dtype=float)
-        self.ttft = np.array([w.ttft_slo for w in queue if w.ttft_slo], dtype=float)
-        self.active = bool(np.isfinite(self.tpot).any() or len(self.ttft))
-        self._lists = None  # plain-float copies for `worst_cell`, made on first use
+        self._wait_rank = [k for k, w in enumerate(queue) if w.ttft_slo]
+        self._waited = [w.waited for w in queue if w.ttft_slo]
+        self._ttft = [w.ttft_slo for w in queue if w.ttft_slo]
+        self.active = any(t < inf for t in self._tpot) or bool(self._ttft)
+        self._arrays = None  # numpy copies for `worst`, made on first use (small batches never need them)
+
+    def _np(self):
+        if self._arrays is None:
+            f = lambda v: np.array(v, dtype=float)  # noqa: E731
+            self._arrays = (f(self._spent), f(self._done), f(self._tpot), f(self._remaining),
+                            np.array(self._wait_rank, dtype=int), f(self._waited), f(self._ttft))
+        return self._arrays
 
     def worst_cell(self, t: float, e: list[float]) -> float:
         """`worst` for one candidate in plain Python, with the same arithmetic (identical values):
         cheaper than numpy for the few candidates of a small batch."""
         if not self.active:
             return -1.0
-        if self._lists is None:
-            self._lists = (self.spent.tolist(), self.done.tolist(), self.tpot.tolist(),
-                           self.remaining.tolist(), self.wait_rank.tolist(), self.waited.tolist(),
-                           self.ttft.tolist())
-        spent, done, tpot, remaining, rank, waited, ttft = self._lists
+        spent, done, tpot, remaining = self._spent, self._done, self._tpot, self._remaining
+        rank, waited, ttft = self._wait_rank, self._waited, self._ttft
         over = [(s + t) / max(d + x, 1e-9) / b - 1 for s, d, x, b in zip(spent, done, e, tpot, strict=True)]
         if ttft:
             frees = [f * t for f in sorted(r / x for r, x in zip(remaining, e, strict=True))]
@@ -72,12 +76,13 @@ class SLOState:
         running or waiting, predicted over their SLO (>= 1)."""
         if not self.active:
             return np.full(np.shape(t), -1.0)
+        spent, done, tpot, remaining, wait_rank, waited, ttft = self._np()
         t = np.asarray(t, dtype=float)[..., None]
-        over = (self.spent + t) / np.maximum(self.done + e, 1e-9) / self.tpot - 1
-        if len(self.ttft):
-            frees = np.sort(self.remaining / e, axis=-1) * t  # seconds until the k-th slot frees
-            wait = frees[..., self.wait_rank]
-            vw = np.where(np.isfinite(wait), (self.waited + wait) / self.ttft - 1, -np.inf)
+        over = (spent + t) / np.maximum(done + e, 1e-9) / tpot - 1
+        if len(ttft):
+            frees = np.sort(remaining / e, axis=-1) * t  # seconds until the k-th slot frees
+            wait = frees[..., wait_rank]
+            vw = np.where(np.isfinite(wait), (waited + wait) / ttft - 1, -np.inf)
             over = np.concatenate([over, vw], axis=-1)
         v = over.max(-1)
         return np.where(v > 0, (over > 0).sum(-1).astype(float), v)
