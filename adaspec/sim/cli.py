@@ -1,4 +1,5 @@
-"""`adaspec simulate` (policies on a modelled GPU, paper scale, in seconds) and `adaspec profile`
+"""`adaspec simulate` (policies on a modelled GPU, paper scale, in seconds), `adaspec capacity`
+(the same behind a least-loaded router, 1..N replicas) and `adaspec profile`
 (measure this machine's model pair once, write the cost-model JSON that `simulate` loads).
 
     adaspec profile --output runs/profile.json
@@ -6,6 +7,11 @@
         --prompts ../shared/data/spec-bench/origin-spec-bench.jsonl --output-len sampled:256 \\
         --cost-model analytic:A100-80GB:vicuna-7b/vicuna-68m --acceptance synthetic:0.7 \\
         --policies none,static:3,smartspec,adaspec --slo-tpot-ms 40 --output-dir runs/sim-conv
+    adaspec capacity --trace ../shared/data/traces/conv.csv --rates 2,4,8,16,32 --replicas 1,2,4,8 \\
+        --policies adaspec --slo-tpot-ms 40 --output-dir runs/capacity
+
+`capacity` runs 1..N simulator replicas behind a least-loaded router (`adaspec.sim.cluster`) and
+writes capacity.md / .json / .png: SLO attainment per offered rate and replica count.
 
 The report (report.md, summary.json/csv, requests.jsonl, plots) is the `bench` report, written by
 the same code from the same per-request records; the oracle runs next to the policies.
@@ -25,11 +31,45 @@ DEFAULT_POLICIES = "none,static:1,static:3,static:5,threshold,smartspec,adaspec,
 
 
 def add_parser(sub) -> None:
-    from adaspec.bench.cli import add_workload_args
+    from adaspec.bench.cli import add_workload_args, floats, ints
 
     s = sub.add_parser("simulate", help="simulate policies on a modelled GPU and model pair (bench report)")
     s.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list; the oracle is always added")
     s.add_argument("--no-oracle", action="store_true", help="do not add the oracle upper bound")
+    add_model_args(s)
+    add_workload_args(s)
+    s.set_defaults(fn=cmd_simulate, output_dir="runs/sim", warmup=3)
+
+    c = sub.add_parser("capacity", help="SLO attainment vs request rate for 1..N simulated replicas "
+                                        "behind a least-loaded router")
+    c.add_argument("--policies", default="adaspec", help="comma list (default adaspec)")
+    c.add_argument("--replicas", type=ints, default=list(range(1, 9)), help="comma list (default 1..8)")
+    c.add_argument("--rates", type=floats, required=True,
+                   help="offered request rates (req/s, comma list): each point replays --window s of the "
+                        "trace (or generated arrivals), time-scaled to that mean rate")
+    c.add_argument("--window", type=float, default=60.0, help="simulated seconds of arrivals per point")
+    c.add_argument("--stop-below", type=float, default=0.0,
+                   help="skip higher rates once attainment falls below this (0: run every rate)")
+    c.add_argument("--target", type=float, default=0.9, help="attainment that defines capacity (0.9)")
+    add_model_args(c)
+    add_workload_args(c)
+    c.set_defaults(fn=cmd_capacity, output_dir="runs/capacity", warmup=3)
+
+    p = sub.add_parser("profile", help="measure draft/verify step times of a model pair, write the JSON")
+    p.add_argument("--model", help="target directory (default: the embedded pair)")
+    p.add_argument("--draft-model", help="draft directory")
+    p.add_argument("--output", required=True, help="where to write the profile (cost-model JSON)")
+    p.add_argument("--num-speculative-tokens", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--budget-s", type=float, default=40.0, help="measurement time budget (s)")
+    p.set_defaults(fn=cmd_profile)
+
+
+def add_model_args(s: argparse.ArgumentParser) -> None:
+    """What is simulated: cost model, acceptance model and the engine's limits."""
     s.add_argument("--cost-model", default="analytic:A100-80GB:vicuna-7b/vicuna-68m",
                    help="analytic:GPU:PAIR[:TP] (GPU: A100-80GB, L40, H100, H200; PAIR: "
                         "vicuna-7b/vicuna-68m, vicuna-33b/vicuna-160m, llama-3.3-70b/llama-3.2-1b) or a JSON "
@@ -46,20 +86,6 @@ def add_parser(sub) -> None:
     s.add_argument("--max-num-batched-tokens", type=int)
     s.add_argument("--chars-per-token", type=float, default=4.0, help="prompt tokens = characters / this")
     s.add_argument("--time-noise", type=float, default=0.0, help="CV of lognormal noise on step times")
-    add_workload_args(s)
-    s.set_defaults(fn=cmd_simulate, output_dir="runs/sim", warmup=3)
-
-    p = sub.add_parser("profile", help="measure draft/verify step times of a model pair, write the JSON")
-    p.add_argument("--model", help="target directory (default: the embedded pair)")
-    p.add_argument("--draft-model", help="draft directory")
-    p.add_argument("--output", required=True, help="where to write the profile (cost-model JSON)")
-    p.add_argument("--num-speculative-tokens", type=int, default=8)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--budget-s", type=float, default=40.0, help="measurement time budget (s)")
-    p.set_defaults(fn=cmd_profile)
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
@@ -76,20 +102,18 @@ def cmd_profile(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(a: argparse.Namespace) -> int:
-    from adaspec.bench.metrics import summarize, timeline
+def setup(a: argparse.Namespace, slo_policy: str):
+    """Cost models, acceptance, workload, config and a simulator from the shared arguments; an
+    `auto[:F]` TPOT SLO becomes F x the median TPOT of lone warm-up requests under `slo_policy`."""
     from adaspec.bench.workload import build_workload
     from adaspec.sim.acceptance_sim import AcceptanceSpec
     from adaspec.sim.hardware import resolve_cost_model
     from adaspec.sim.simulator import SimConfig, Simulator
 
     if a.mode != "open":
-        raise ValueError("simulate replays arrivals (open loop) only")
+        raise ValueError(f"{a.command} replays arrivals (open loop) only")
     if a.temperature:
-        raise ValueError("simulate models greedy verification (temperature 0) only")
-    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
-    if not a.no_oracle and "oracle" not in policies:
-        policies.append("oracle")
+        raise ValueError(f"{a.command} models greedy verification (temperature 0) only")
     truth, cost_desc = resolve_cost_model(a.cost_model)
     believed, believed_desc = resolve_cost_model(a.policy_cost_model) if a.policy_cost_model else (None, None)
     acc = AcceptanceSpec.parse(a.acceptance, correlation=a.accept_correlation, sharpness=a.conf_sharpness,
@@ -104,11 +128,25 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if isinstance(a.slo_tpot_ms, str):  # auto[:F]: F x median TPOT of warm-up requests, each alone
         from adaspec.bench.sweep import resolve_auto_slo
 
-        warm = [sim.run(policies[0], [r]).results[0] for r in wl.requests[:max(a.warmup, 1)]]
+        warm = [sim.run(slo_policy, [r]).results[0] for r in wl.requests[:max(a.warmup, 1)]]
         cfg.slo_tpot_ms = resolve_auto_slo(a.slo_tpot_ms, warm)
-        slo_note = f"(from {a.slo_tpot_ms}: median TPOT of {len(warm)} lone requests under {policies[0]})"
+        slo_note = f"(from {a.slo_tpot_ms}: median TPOT of {len(warm)} lone requests under {slo_policy})"
     else:
         cfg.slo_tpot_ms = a.slo_tpot_ms
+    sim_meta = {"cost_model": cost_desc, "policy_cost_model": believed_desc or "the truth (perfect profile)",
+                "acceptance": acc.describe(), "config": {k: v for k, v in vars(cfg).items()},
+                "prompt_tokens": f"characters / {a.chars_per_token}, cut to {cfg.max_prompt_tokens} and to "
+                                 "max_model_len - max_tokens"}
+    return truth, believed, acc, wl, cfg, sim, slo_note, sim_meta
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from adaspec.bench.metrics import summarize, timeline
+
+    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    if not a.no_oracle and "oracle" not in policies:
+        policies.append("oracle")
+    truth, _, _, wl, cfg, sim, slo_note, sim_meta = setup(a, policies[0])
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs, rows, walls = [], [], {}
@@ -126,13 +164,49 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                 print(f"{policy} x{level:g}: {s['output_throughput']:.1f} tok/s, TPOT p99 "
                       f"{s['tpot_ms']['p99'] or 0:.1f} ms, SLO {s['slo']['attainment']} "
                       f"({res.wall_s:.1f} s wall)", file=sys.stderr)
-    sim_meta = {"cost_model": cost_desc, "policy_cost_model": believed_desc or "the truth (perfect profile)",
-                "acceptance": acc.describe(), "config": {k: v for k, v in vars(cfg).items()},
-                "prompt_tokens": f"characters / {a.chars_per_token}, cut to {cfg.max_prompt_tokens} and to "
-                                 "max_model_len - max_tokens",
-                "wall_s": walls}
+    sim_meta["wall_s"] = walls
     path = write_report(out, a, policies, wl, runs, rows, cfg.slo_tpot_ms, slo_note, sim_meta, truth)
     print(f"report: {path}")
+    return 0
+
+
+def cmd_capacity(a: argparse.Namespace) -> int:
+    from adaspec.sim.cluster import capacity_curve, capacity_markdown, plot_capacity
+
+    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    truth, believed, acc, wl, cfg, _, slo_note, sim_meta = setup(a, "none")
+    if believed is not None:
+        raise ValueError("capacity: --policy-cost-model is not supported (replicas use the truth)")
+    if cfg.slo_tpot_ms is None and cfg.slo_ttft_ms is None:
+        raise ValueError("capacity needs an SLO (--slo-tpot-ms and/or --slo-ttft-ms)")
+
+    def progress(p):
+        if not a.quiet:
+            print(f"{p.policy} x{p.replicas} @ {p.rate:g} req/s: SLO {p.summary['slo']['attainment']:.3f}, "
+                  f"{p.summary['num_requests']} requests ({p.wall_s:.1f} s wall)", file=sys.stderr)
+
+    points = capacity_curve(truth, acc, cfg, wl.requests, policies, a.replicas, a.rates, a.window,
+                            a.stop_below, progress)
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["adaspec", *sys.argv[1:]])
+    meta = {"command": command, "workload": wl.description, "slo_tpot_ms": cfg.slo_tpot_ms,
+            "slo_ttft_ms": cfg.slo_ttft_ms, "slo_note": slo_note, "window_s": a.window, "target": a.target,
+            "router": "least outstanding requests at arrival (ties: lowest replica index)", **sim_meta}
+    rows = [{"policy": p.policy, "replicas": p.replicas, "rate": p.rate, "per_replica": p.per_replica,
+             "wall_s": p.wall_s, **p.summary} for p in points]
+    (out / "capacity.json").write_text(json.dumps({"meta": meta, "points": rows}, indent=1))
+    plot_capacity(points, out / "capacity.png", sim_meta["cost_model"].split(";")[0], a.target)
+    slo = " ".join(([f"TPOT {cfg.slo_tpot_ms:.1f} ms {slo_note}"] if cfg.slo_tpot_ms else [])
+                   + ([f"TTFT {cfg.slo_ttft_ms:g} ms"] if cfg.slo_ttft_ms else []))
+    text = "\n".join([
+        "# adaspec capacity curve", "", f"Command: `{command}`  ", f"Cost model: {sim_meta['cost_model']}  ",
+        f"Acceptance: {sim_meta['acceptance']}  ", f"Workload: {wl.description['arrivals']}; "
+        f"{wl.description['output_len']}; each point replays the first rate x {a.window:g} arrivals, "
+        f"time-scaled to fill {a.window:g} s  ", f"SLO: {slo}  ", f"Router: {meta['router']}", "",
+        capacity_markdown(points, a.target), "![capacity](capacity.png)", ""])
+    (out / "capacity.md").write_text(text)
+    print(f"report: {out / 'capacity.md'}")
     return 0
 
 

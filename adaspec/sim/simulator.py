@@ -12,6 +12,7 @@ a step join at the next step boundary, as in the engine. Output: per-request `Re
 
 from __future__ import annotations
 
+import bisect
 import copy
 import time
 from dataclasses import dataclass, field
@@ -57,15 +58,17 @@ class SimResult:
     steps: list[StepRecord] = field(default_factory=list)
     series: dict = field(default_factory=dict)
     wall_s: float = 0.0
+    assignment: list[int] | None = None  # replica of each result, when run by a `Cluster`
 
 
 class Simulator:
     """`truth`: the cost model that times steps. Policies get their own copy of `policy_cost`
-    (default: the truth, i.e. a perfect profile), online-corrected as in the engine."""
+    (default: the truth, i.e. a perfect profile), online-corrected as in the engine. `stream`
+    separates the step-time noise of replicas that share a config (0: the single-server stream)."""
 
     def __init__(self, truth: CostModel, acceptance: AcceptanceSpec, config: SimConfig | None = None,
-                 policy_cost: CostModel | None = None):
-        self.truth, self.acceptance = truth, acceptance
+                 policy_cost: CostModel | None = None, stream: int = 0):
+        self.truth, self.acceptance, self.stream = truth, acceptance, stream
         self.cfg = config or SimConfig()
         self.policy_cost = policy_cost or truth
         self._draws: dict[str, Draws] = {}
@@ -103,29 +106,55 @@ class Simulator:
         return Sequence(str(r.index), [0] * min(room), params, slo, r.arrival)
 
     def run(self, policy: str | Policy, requests: list[BenchRequest]) -> SimResult:
+        self.start(policy)
+        for r in sorted(requests, key=lambda r: (r.arrival, r.index)):
+            self.advance(r.arrival)
+            self.add(r)
+        self.advance(float("inf"))
+        return self.result()
+
+    # The run in pieces, so that a `Cluster` can interleave several replicas on one clock: a request
+    # is routed at its arrival time, which needs every replica advanced to that time first.
+
+    def start(self, policy: str | Policy) -> None:
+        """A fresh run: new policy, scheduler and records; the clock waits for the first request."""
         c = self.cfg
-        wall = time.perf_counter()
-        pol = self.make_policy(policy)
-        self.policy, self.sched = pol, Scheduler(c.max_num_seqs, c.max_model_len, c.token_budget)
-        self.rng = np.random.default_rng([c.seed, 11])
-        reqs = sorted(requests, key=lambda r: (r.arrival, r.index))
-        self.results = {str(r.index): RequestResult(r.index, r.arrival, r.arrival, r.category, r.max_tokens)
-                        for r in reqs}
+        self._wall = time.perf_counter()
+        self.policy = self.make_policy(policy)
+        self.sched = Scheduler(c.max_num_seqs, c.max_model_len, c.token_budget)
+        self.rng = np.random.default_rng([c.seed, 11, *([self.stream] if self.stream else [])])
+        self.results: dict[str, RequestResult] = {}
         self._draws, self._seqs, self.steps, self._spec_log = {}, {}, [], []
-        now, i = (reqs[0].arrival if reqs else 0.0), 0
-        while i < len(reqs) or self.sched.has_work():
-            while i < len(reqs) and reqs[i].arrival <= now:
-                self._add(reqs[i])
-                i += 1
-            if not self.sched.has_work():
-                now = reqs[i].arrival
-                continue
+        self._finish_times: list[float] = []
+        self.now = -float("inf")
+
+    def advance(self, t: float) -> None:
+        """Run steps until the first step boundary at or after `t` (or until idle). Requests that
+        arrive during a step join at the next boundary, as in the engine."""
+        while self.now < t and self.sched.has_work():
             seqs = self.sched.schedule_prefill()
-            now = self._prefill(seqs, now) if seqs else self._decode(list(self.sched.running), now)
-        results = [self.results[str(r.index)] for r in sorted(reqs, key=lambda r: r.index)]
+            if seqs:
+                self.now = self._prefill(seqs, self.now)
+            else:
+                self.now = self._decode(list(self.sched.running), self.now)
+
+    def add(self, r: BenchRequest) -> None:
+        """Queue a request that has arrived (call `advance(r.arrival)` first); an idle replica's
+        clock jumps to the arrival."""
+        if not self.sched.has_work():
+            self.now = max(self.now, r.arrival)
+        self.results[str(r.index)] = RequestResult(r.index, r.arrival, r.arrival, r.category, r.max_tokens)
+        self._add(r)
+
+    def outstanding(self, t: float) -> int:
+        """Requests added and not finished by time `t` (valid once advanced to `t`)."""
+        return len(self.results) - bisect.bisect_right(self._finish_times, t)
+
+    def result(self) -> SimResult:
+        results = sorted(self.results.values(), key=lambda r: r.index)
         duration = max((r.sent + r.e2e for r in results if r.e2e is not None), default=0.0)
-        return SimResult(pol.name, results, duration, self.steps, self._series(duration),
-                         time.perf_counter() - wall)
+        return SimResult(self.policy.name, results, duration, self.steps, series(self._spec_log, duration),
+                         time.perf_counter() - self._wall)
 
     def _add(self, r: BenchRequest) -> None:
         s = self._sequence(r)
@@ -222,23 +251,25 @@ class Simulator:
         res.chunk_tokens.append(float(n))
         if s.num_output_tokens >= s.params.max_tokens or len(s.tokens) >= self.cfg.max_model_len:
             s.finish_time = t
+            self._finish_times.append(t)
             self.sched.finish(s, "length")
             res.success, res.finish_reason = True, "length"
             res.output_tokens, res.e2e = s.num_output_tokens, t - s.arrival_time
             res.spec_stats = s.stats.as_dict()
             del self._draws[s.request_id], self._seqs[s.request_id]
 
-    def _series(self, duration: float) -> dict:
-        """Mean draft tokens per request-step and running requests per time bin (the report's
-        server view, which `bench` scrapes from /metrics)."""
-        bin_s = max(1.0, duration / 60)
-        n = max(1, int(np.ceil(duration / bin_s)))
-        drafted, rows, steps = np.zeros(n), np.zeros(n), np.zeros(n)
-        for t, d, b in self._spec_log:
-            k = min(int(t / bin_s), n - 1)
-            drafted[k] += d
-            rows[k] += b
-            steps[k] += 1
-        return {"t": [(k + 0.5) * bin_s for k in range(n)],
-                "mean_spec_length": [float(d / r) if r else None for d, r in zip(drafted, rows, strict=True)],
-                "running": [float(r / s) if s else None for r, s in zip(rows, steps, strict=True)]}
+
+def series(spec_log: list[tuple[float, int, int]], duration: float) -> dict:
+    """Mean draft tokens per request-step and running requests per time bin (the report's server
+    view, which `bench` scrapes from /metrics), from (step end, drafted, batch) per decode step."""
+    bin_s = max(1.0, duration / 60)
+    n = max(1, int(np.ceil(duration / bin_s)))
+    drafted, rows, steps = np.zeros(n), np.zeros(n), np.zeros(n)
+    for t, d, b in spec_log:
+        k = min(int(t / bin_s), n - 1)
+        drafted[k] += d
+        rows[k] += b
+        steps[k] += 1
+    return {"t": [(k + 0.5) * bin_s for k in range(n)],
+            "mean_spec_length": [float(d / r) if r else None for d, r in zip(drafted, rows, strict=True)],
+            "running": [float(r / s) if s else None for r, s in zip(rows, steps, strict=True)]}
