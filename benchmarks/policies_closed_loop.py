@@ -7,8 +7,10 @@
 Closed loop: at concurrency c, c requests are in flight at every moment; when one finishes the next
 prompt is sent. Every policy sees the same prompts in the same order at every level. Output length
 rule: a fixed --max-tokens per request, greedy, ignore_eos (Spec-Bench carries no lengths). Prompts
-longer than --max-prompt-tokens keep their first tokens. Each policy gets its own engine, warmed
-up on --warmup-requests requests, and keeps what it learned across levels (as a server would).
+longer than --max-prompt-tokens keep their first tokens. Each policy is warmed up on
+--warmup-requests requests and keeps what it learned across levels (as a server would); every
+measured run gets a freshly built engine around it (engine instances alive side by side ran
+same-shape forwards at different speeds).
 Levels run in order, and within a level the policies take turns (order rotated per --repeats), so
 slow phases of a shared machine fall on all policies alike; the report quotes the per-repeat
 spread.
@@ -16,8 +18,8 @@ spread.
 Metrics follow vLLM's benchmark: TPOT per request = (E2E - TTFT) / (output tokens - 1); SLO
 attainment = share of requests whose TPOT is within the TPOT SLO (and TTFT within --ttft-slo-ms if
 given). Acceptance rate = accepted / drafted; mean speculation length = drafted tokens per
-verification step per request. The TPOT SLO defaults to 1.5x the median TPOT of no speculation at
-concurrency 1 (measured first). Also reported: each model-based policy's predicted-vs-measured step
+verification step per request. The TPOT SLO defaults to --slo-factor (1.5) x the median TPOT of no
+speculation at concurrency 1 (measured first). Also reported: each model-based policy's predicted-vs-measured step
 time error, and the acceptance model's calibration (ECE, Brier) against the raw draft probability,
 replayed from engine telemetry. Writes docs/policies_closed_loop.{json,md}.
 """
@@ -25,11 +27,13 @@ replayed from engine telemetry. Writes docs/policies_closed_loop.{json,md}.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128, help="fixed output length per request")
     ap.add_argument("--max-prompt-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--tpot-slo-ms", type=float, help="default: 1.5x median TPOT of 'none' at concurrency 1")
+    ap.add_argument("--tpot-slo-ms", type=float, help="default: --slo-factor x median TPOT of 'none' at c=1")
+    ap.add_argument("--slo-factor", type=float, default=1.5)
     ap.add_argument("--ttft-slo-ms", type=float)
     ap.add_argument("--num-speculative-tokens", type=int, default=8)
     ap.add_argument("--max-model-len", type=int)
@@ -164,43 +169,60 @@ def main(argv=None) -> int:
     kw = dict(model=a.model, draft_model=a.draft_model, num_speculative_tokens=a.num_speculative_tokens,
               max_num_seqs=max(levels), max_model_len=a.max_model_len, dtype=a.dtype)
 
-    def engine_for(policy: str, slo_ms: float | None):
+    def engine_for(policy, slo_ms: float | None):
         return build_engine(policy=policy, slo_tpot_ms=slo_ms, slo_ttft_ms=a.ttft_slo_ms,
                             reprofile=a.reprofile, **kw)
 
-    engines: dict = {}
     slo_ms = a.tpot_slo_ms
     limit = None
     prompt_ids: list[list[int]] = []
 
-    def prepare(engine) -> None:
+    def prepare(engine, requests: int, tokens: int) -> None:
         nonlocal limit, prompt_ids
         if not prompt_ids:
             limit = min(a.max_prompt_tokens, engine.max_model_len - a.max_tokens - 1)
             tok = engine.tokenizer
             prompt_ids = [tok(p)["input_ids"][:limit] for p in load_prompts(a.prompts, a.num_prompts)]
-        warm = SamplingParams(temperature=0, max_tokens=a.warmup_tokens, ignore_eos=True)
-        for p in prompt_ids[-a.warmup_requests:]:  # the last prompts: the first ones are measured first
+        warm = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        for p in prompt_ids[-requests:]:  # the last prompts: the first ones are measured first
             engine.add_request(p, warm)
         while engine.has_unfinished():
             engine.step()
 
     results = []
     if slo_ms is None:  # the SLO is relative to plain decoding on this machine
-        engines["none"] = engine_for("none", None)
-        prepare(engines["none"])
-        base = run_level(engines["none"], prompt_ids, 1, a.requests_per_level or 8, a.max_tokens,
+        engine = engine_for("none", None)
+        prepare(engine, a.warmup_requests, a.warmup_tokens)
+        base = run_level(engine, prompt_ids, 1, a.requests_per_level or 8, a.max_tokens,
                          a.temperature, SLO())
-        slo_ms = 1.5 * base["tpot_median_ms"]
-        print(f"TPOT SLO: {slo_ms:.1f} ms (1.5x the median TPOT of 'none' at concurrency 1)", flush=True)
-        del engines["none"]
+        slo_ms = a.slo_factor * base["tpot_median_ms"]
+        print(f"TPOT SLO: {slo_ms:.1f} ms ({a.slo_factor}x the median TPOT of 'none' at concurrency 1)",
+              flush=True)
+        del engine
+        gc.collect()
     slo = SLO(slo_ms / 1e3, None if a.ttft_slo_ms is None else a.ttft_slo_ms / 1e3)
-    # Every policy keeps its own engine for the whole run (it learns across levels, as a server
-    # would). Levels are the outer loop and the policies take turns within a level, in an order
-    # rotated per repeat, so a slow phase of a shared machine hits them alike, not one policy.
-    for name in policies:
-        engines[name] = engine_for(name, slo_ms)
-        prepare(engines[name])
+    # Every policy keeps its own policy object for the whole run (it learns across levels, as a
+    # server would), but each measured run gets a freshly built engine, the previous one freed
+    # first: with nine engines alive at once, measured forwards of the same shape differed by up to
+    # ~20% between engine instances (memory placement), which would have been charged to policies.
+    # Levels are the outer loop and the policies take turns within a level, in an order rotated
+    # per repeat, so a slow phase of a shared machine hits them alike, not one policy.
+    policy_objs: dict = {}
+    telemetry: dict = {name: [] for name in policies}
+
+    def fresh_engine(name: str):
+        engine = engine_for(policy_objs.get(name, name), slo_ms)
+        if name not in policy_objs:
+            policy_objs[name] = engine.policy
+            prepare(engine, a.warmup_requests, a.warmup_tokens)
+        else:
+            prepare(engine, 1, 4)  # first-call work of the new engine, outside the measurement
+        return engine
+
+    for name in policies:  # profile (if needed) and warm every policy up once
+        del_engine = fresh_engine(name)
+        del del_engine
+        gc.collect()
     if a.save_decisions is not None:
         a.save_decisions.mkdir(parents=True, exist_ok=True)
         for name in policies:
@@ -209,15 +231,17 @@ def main(argv=None) -> int:
         for c in levels:
             for k in range(len(policies)):
                 name = policies[(k + rep) % len(policies)]
-                engine = engines[name]
+                engine = fresh_engine(name)
                 cm = getattr(engine.policy, "cost_model", None)
                 seen = cm.observed_steps if cm is not None else 0
+                first_step = len(engine.telemetry)
                 row = {"policy": name, "repeat": rep,
                        **run_level(engine, prompt_ids, c, a.requests_per_level or max(8, 2 * c),
                                    a.max_tokens, a.temperature, slo)}
                 if cm is not None:
                     row["step_time_error"] = cm.error_report(last=cm.observed_steps - seen)
                 results.append(row)
+                telemetry[name] += list(engine.telemetry)[first_step:]
                 print(f"[{rep}] {name:>15} c={c:>2}: TPOT mean {row['tpot_mean_ms']:7.1f} ms, "
                       f"p99 {row['tpot_p99_ms']:7.1f}, SLO {row['slo_attainment']:.2f}, "
                       f"acceptance {row['acceptance_rate']:.2f}, "
@@ -228,15 +252,19 @@ def main(argv=None) -> int:
                         for rec in log.records:
                             f.write(json.dumps({**compact(rec), "concurrency": c, "repeat": rep}) + "\n")
                     log.records.clear()
+                del engine
+                gc.collect()
     if a.export_telemetry is not None:  # e.g. for `adaspec simulate --acceptance empirical:FILE`
         a.export_telemetry.mkdir(parents=True, exist_ok=True)
-        for name, engine in engines.items():
-            engine.export_telemetry(a.export_telemetry / f"{name.replace(':', '_')}.jsonl")
+        for name, records in telemetry.items():
+            with open(a.export_telemetry / f"{name.replace(':', '_')}.jsonl", "w") as f:
+                for rec in records:
+                    f.write(json.dumps(asdict(rec)) + "\n")
     extra: dict = {}
-    for name, engine in engines.items():
-        policy, cm = engine.policy, getattr(engine.policy, "cost_model", None)
+    for name, policy in policy_objs.items():
+        cm = getattr(policy, "cost_model", None)
         extra[name] = {"calibration_from_telemetry": measure_calibration(
-            outcomes_from_telemetry(engine.telemetry))}
+            outcomes_from_telemetry(telemetry[name]))}
         if hasattr(policy, "describe"):
             extra[name]["policy"] = {k: v for k, v in policy.describe().items() if k != "cost_model"}
         if cm is not None:
