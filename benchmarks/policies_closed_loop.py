@@ -19,9 +19,9 @@ Metrics follow vLLM's benchmark: TPOT per request = (E2E - TTFT) / (output token
 attainment = share of requests whose TPOT is within the TPOT SLO (and TTFT within --ttft-slo-ms if
 given). Acceptance rate = accepted / drafted; mean speculation length = drafted tokens per
 verification step per request. The TPOT SLO defaults to --slo-factor (1.5) x the median TPOT of no
-speculation at concurrency 1 (measured first). Also reported: each model-based policy's predicted-vs-measured step
-time error, and the acceptance model's calibration (ECE, Brier) against the raw draft probability,
-replayed from engine telemetry. Writes docs/policies_closed_loop.{json,md}.
+speculation at concurrency 1 (measured first). Also reported: each model-based policy's
+predicted-vs-measured step time error, and the acceptance model's calibration (ECE, Brier) against
+the raw draft probability, replayed from engine telemetry. Writes docs/policies_closed_loop.{json,md}.
 """
 
 from __future__ import annotations
