@@ -2,10 +2,14 @@
 
     # 1. the real run (bench sweep keeps each server's telemetry in its results folder)
     adaspec bench sweep --policies none,static:3,adaspec --trace T.csv ... --output-dir runs/real
-    # 2. this machine's cost profile and the acceptance seen in the real run
+    # 2. this machine's cost profile, with the engine's per-step work outside the forwards (which
+    #    a profile of forwards alone misses) measured from the real run's telemetry, and the
+    #    acceptance seen in the real run
     adaspec profile --output runs/profile.json
+    python benchmarks/sim_validation.py --calibrate runs/profile.json \\
+        runs/real/telemetry-static_3.jsonl --out runs/profile-engine.json
     adaspec simulate --policies none,static:3,adaspec --trace T.csv ... (same workload flags) \\
-        --cost-model runs/profile.json --acceptance empirical:runs/real/telemetry-static_3.jsonl \\
+        --cost-model runs/profile-engine.json --acceptance empirical:runs/real/telemetry-static_3.jsonl \\
         --no-oracle --output-dir runs/sim
     # 3. the comparison
     python benchmarks/sim_validation.py runs/real runs/sim --out docs/sim_validation
@@ -94,13 +98,41 @@ def render(res: dict, real_meta: dict, sim_meta: dict, args: argparse.Namespace)
     return "\n".join(lines)
 
 
+def calibrate(profile: Path, telemetry: Path, out: Path) -> float:
+    """Write `profile` with its per-row overhead set to the median measured in `telemetry` (engine
+    step records): (step time - draft time - verify time) / (1 + batch + drafted tokens), the
+    same quantity the online cost model learns."""
+    d = json.loads(profile.read_text())
+    per_row = []
+    for line in telemetry.read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "decode":
+            rows = 1 + r["batch_size"] + sum(r["drafted"])
+            per_row.append(max(0.0, r["step_time"] - r["draft_time"] - r["verify_time"]) / rows)
+    if not per_row:
+        raise SystemExit(f"no decode steps in {telemetry}")
+    per_row.sort()
+    d["overhead_per_row"] = per_row[len(per_row) // 2]
+    d.setdefault("meta", {})["overhead_from"] = str(telemetry)
+    out.write_text(json.dumps(d, indent=1))
+    return d["overhead_per_row"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("real", type=Path, help="results folder of the real run (adaspec bench sweep)")
-    ap.add_argument("sim", type=Path, help="results folder of the simulation (adaspec simulate)")
+    ap.add_argument("sim", type=Path, nargs="?", help="results folder of the simulation (adaspec simulate)")
     ap.add_argument("--tolerance", type=float, default=0.15)
     ap.add_argument("--out", type=Path, default=Path("docs/sim_validation"))
+    ap.add_argument("--calibrate", action="store_true",
+                    help="instead: REAL is a profile JSON and SIM a telemetry JSONL; write the profile "
+                         "with the measured per-row overhead to --out")
     a = ap.parse_args(argv)
+    if a.calibrate:
+        print(f"overhead per row: {1e3 * calibrate(a.real, a.sim, a.out):.3f} ms -> {a.out}")
+        return 0
+    if a.sim is None:
+        ap.error("give the real and the simulated results folders")
     real_meta, real = load(a.real)
     sim_meta, sim = load(a.sim)
     res = compare(real, sim, a.tolerance)
