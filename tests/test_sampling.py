@@ -27,6 +27,17 @@ def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
     return 0.5 * (1 - erf(z / sqrt(2)))
 
 
+def test_tiny_temperature_is_greedy():
+    """A positive but tiny temperature (found by the server fuzz test: 5.8e-83 made the softmax
+    NaN and the request fail) decodes greedily."""
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    for t in (5.8e-83, 1e-6):
+        p = SamplingParams(temperature=t)
+        assert p.greedy
+        assert probs_from_logits(logits, [p]).tolist() == [[0.0, 1.0, 0.0]]
+    assert not SamplingParams(temperature=1e-3).greedy
+
+
 def test_verify_unit_distribution():
     """First emitted token ~ p1; second, when there is one, ~ p2, for a q far from p."""
     g = torch.Generator().manual_seed(0)

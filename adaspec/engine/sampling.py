@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -47,7 +49,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW decode greedily (as vLLM does): dividing logits by a
+        temperature such as 1e-80 overflows to inf and the softmax to NaN."""
+        return self.temperature < GREEDY_BELOW
 
 
 def probs_from_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
