@@ -62,9 +62,8 @@ class ControlledPolicy(Policy):
             shape = self.shape(batch, outcome.drafted)
             predicted = {"tokens": self.expected_tokens(batch, outcome.drafted)}
             if self.cost_model is not None:
-                t = self.cost_model.predict(shape)
+                t = self.cost_model.observe(shape, outcome.draft_time, outcome.verify_time, outcome.step_time)
                 predicted.update(draft=t.draft, verify=t.verify, overhead=t.overhead, step_time=t.total)
-                self.cost_model.observe(shape, outcome.draft_time, outcome.verify_time, outcome.step_time)
         self.acceptance.observe_step(list(outcome.request_ids), [list(c) for c in outcome.confidences],
                                      list(outcome.accepted))
         self.log.finish(outcome, predicted,

@@ -239,8 +239,9 @@ class CostModel:
 
     # ------------------------------------------------------------------------------ online fit
 
-    def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float) -> None:
-        """Learn from one measured step (the prediction error is recorded first, prequentially)."""
+    def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float) -> StepTime:
+        """Learn from one measured step (the prediction error is recorded first, prequentially);
+        returns what was predicted for it before learning (= `predict(shape)`)."""
         base = self.predict(shape, corrected=False)
         rows = 1 + len(shape.contexts) + sum(shape.drafted)
         ours = StepTime(base.draft * self.draft_scale.value, base.verify * self.verify_scale.value,
@@ -252,6 +253,7 @@ class CostModel:
         if self.window:
             self._overheads.append(max(0.0, step_time - draft_time - verify_time) / rows)
             self.overhead_per_row = _median(self._overheads)
+        return ours
 
     @property
     def observed_steps(self) -> int:

@@ -26,9 +26,10 @@ def compact(x):
 
 
 def candidate(label: str, tokens: float, time: float, violation: float | None = None, **extra) -> dict:
-    """One option a policy weighed: expected emitted tokens, predicted step time (s), worst
-    predicted SLO violation (fraction over budget; <= 0 means every SLO is met). Kept at full
-    precision (rounding every candidate of every step costs more than the decision itself)."""
+    """One option a policy weighed: expected emitted tokens, predicted step time (s), and the SLO
+    check of `efficiency.SLOState.worst` (<= 0: every SLO met, by that worst margin; > 0: the
+    number of requests predicted over their SLO). Kept at full precision (rounding every candidate
+    of every step costs more than the decision itself; `compact` rounds at export)."""
     tokens, time = float(tokens), float(time)
     d = {"label": label, "tokens": tokens, "time": time, "efficiency": tokens / time if time > 0 else None}
     if violation is not None:
