@@ -17,6 +17,10 @@ def _random_case(rng: random.Random):
                    ForwardTimeModel([rng.random() * 1e-3 for _ in range(6)], rng.choice([0.0, 64.0])),
                    rng.random() * 1e-5, rng.random() < 0.5)
     cm.draft_scale.value, cm.verify_scale.value = rng.uniform(0.5, 2), rng.uniform(0.5, 2)
+    for bucket in cm.verify_scale.buckets:  # some widths corrected on their own
+        if rng.random() < 0.5:
+            bucket.value = rng.uniform(0.5, 2)
+            bucket.ratios.extend([bucket.value] * 3)
     B = rng.randint(1, 20)
     reqs = [SimpleNamespace(tpot_slo=rng.choice([None, 0.05]), since_first_token=rng.random(),
                             output_tokens=rng.randint(0, 300), remaining_tokens=rng.choice([None, 50]))

@@ -4,7 +4,9 @@ acceptance model's calibration, decision logs, and losslessness of every policy 
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -167,9 +169,10 @@ def test_catch_up_debt_does_not_lock_speculation_off():
 
 
 def slo_batch():
-    """'a' far ahead of its 20 ms TPOT SLO and very predictable; 'b' exactly on budget, unpredictable."""
+    """'a' far ahead of its 20 ms TPOT SLO and very predictable; 'b' unpredictable and behind: 240 ms
+    for its 10 tokens so far leaves 20 * 14 - 240 = 40 ms for its last 4, exactly 10 ms a token."""
     a = request("a", output_tokens=11, since_first_token=0.1, tpot_slo=20 * MS)
-    b = request("b", output_tokens=11, since_first_token=20 * MS * 11 - 10 * MS, tpot_slo=20 * MS)
+    b = request("b", output_tokens=11, since_first_token=0.24, tpot_slo=20 * MS, remaining_tokens=4, cap=3)
     return BatchView([a, b], 8)
 
 
@@ -183,21 +186,45 @@ def test_tight_slo_leaves_only_no_speculation():
     assert plan["choice"]["violation"] <= 0 and all(c["violation"] > 0 for c in plan["candidates"][1:])
 
 
+def test_slo_is_judged_over_the_request_s_remaining_tokens():
+    """A request 10 ms behind its 20 ms TPOT budget with 100 tokens to go may take 19.9 ms a token
+    from now on; with one token to go, only 10 ms. The TPOT metric is over the whole request, so the
+    check spreads the debt over what is left (a one-step check would demand it back at once)."""
+    from adaspec.spec.efficiency import SLOState
+
+    assert SLOState.rate(20 * MS, 0.21, 10, 100) == pytest.approx(19.9 * MS)
+    assert SLOState.rate(20 * MS, 0.21, 10, 1) == pytest.approx(10 * MS)
+    assert SLOState.rate(20 * MS, 0.21, 10, math.inf) == 20 * MS  # unknown length: the rate alone
+    assert SLOState.rate(None, 5.0, 10, 1) == math.inf
+
+    def slo(remaining):
+        r = request("a", output_tokens=11, since_first_token=0.21, tpot_slo=20 * MS,
+                    remaining_tokens=remaining)
+        return SLOState(BatchView([r], 8))
+
+    assert slo(100).worst_cell(15 * MS, [1.0]) < 0  # 15 ms a token: on track
+    assert slo(1).worst_cell(15 * MS, [1.0]) == 1.0  # one request over
+    assert slo(1).worst_cell(15 * MS, [1.6]) < 0  # unless the step brings 1.6 tokens
+    assert slo(100).worst(np.array([15 * MS, 25 * MS]), np.array([[1.0], [1.0]])).tolist() == [
+        pytest.approx(15 / 19.9 - 1), 1.0]
+
+
 def test_infeasible_slo_counts_requests_not_the_worst_one():
     """'a' is late whatever we do: it must not hold the batch back (the choice is then the most
-    efficient one); but when speculating on 'a' brings it back within its SLO, that is chosen,
-    though it costs the batch."""
+    efficient one); but when speculating on 'a' brings it back on track for its SLO, that is
+    chosen, though it costs the batch."""
     cost = CostModel.linear(draft_step=4 * MS, verify_step=10 * MS, verify_per_token=0.5 * MS, padded=False)
     rates = {"a": 0.9, "b": 0.05, "c": 0.05, "d": 0.05}
 
     def batch(spent):
-        reqs = [request("a", output_tokens=11, since_first_token=spent, tpot_slo=20 * MS)]
+        reqs = [request("a", output_tokens=11, since_first_token=spent, tpot_slo=20 * MS,
+                        remaining_tokens=4, cap=3)]
         return BatchView(reqs + [request(r) for r in "bcd"], 8)
 
     assert drive(adaspec(cost, rates, "adaspec-noslo"), batch(0.4))[1] == [0, 0, 0, 0]
-    assert drive(adaspec(cost, rates), batch(0.4))[1] == [0, 0, 0, 0]  # hopeless: efficiency
+    assert drive(adaspec(cost, rates), batch(0.4))[1] == [0, 0, 0, 0]  # hopeless (0.4 s > 14 x 20 ms)
     pol = adaspec(cost, rates)
-    drafted = drive(pol, batch(20 * MS * 11 - 8 * MS))[1]  # 1 token a step leaves 'a' just over
+    drafted = drive(pol, batch(20 * MS * 14 - 4 * 9 * MS))[1]  # 9 ms a token left: a plain step is over
     assert drafted[0] > 0 and drafted[1:] == [0, 0, 0]
     plan = pol.log._current["phases"][0]
     assert plan["candidates"][0]["violation"] == 1.0 and plan["choice"]["violation"] <= 0

@@ -167,6 +167,49 @@ class _Scale:
             self.value = min(20.0, max(0.05, _median(self.ratios)))
 
 
+class _WidthScale:
+    """The verification's online correction, per verify width (tokens per row): the start-up
+    profile can be off by different factors for a plain decode forward (width 1) and a wide
+    verification, and one shared factor learned from wide steps would misprice narrow ones (and the
+    choice between them). A width bucket with too few recent steps uses the shared factor."""
+
+    BUCKETS = (1, 2, 4, 7)  # lower edges: widths 1 | 2-3 | 4-6 | 7+
+    MIN_RATIOS = 3
+
+    def __init__(self, window: int):
+        self.shared = _Scale(window)
+        self.buckets = [_Scale(window) for _ in self.BUCKETS]
+
+    @property
+    def value(self) -> float:
+        return self.shared.value
+
+    @value.setter
+    def value(self, v: float) -> None:
+        self.shared.value = v
+
+    @staticmethod
+    def _bucket(width: float) -> int:  # BUCKETS, rounding a mean width (unpadded engines)
+        return 0 if width < 1.5 else 1 if width < 3.5 else 2 if width < 6.5 else 3
+
+    def update(self, measured: float, predicted: float, width: float) -> None:
+        self.shared.update(measured, predicted)
+        self.buckets[self._bucket(width)].update(measured, predicted)
+
+    def at(self, width: float) -> float:
+        b = self.buckets[self._bucket(width)]
+        return b.value if len(b.ratios) >= self.MIN_RATIOS else self.shared.value
+
+    def grid(self, width) -> np.ndarray:
+        """`at` elementwise over an array of widths."""
+        w = np.asarray(width, dtype=float)
+        idx = sum((w >= edge - 0.5).astype(int) for edge in self.BUCKETS[1:])
+        return np.array([self.at(edge) for edge in self.BUCKETS])[idx]
+
+    def report(self) -> dict:
+        return {f"{lo}+": round(self.at(lo), 4) for lo in self.BUCKETS}
+
+
 class CostModel:
     """Predicts draft, verification and per-step overhead times; corrected online.
 
@@ -186,7 +229,7 @@ class CostModel:
     def reset(self) -> None:
         """Forget online corrections (keep the profile)."""
         self.draft_scale = _Scale(self.window)
-        self.verify_scale = _Scale(self.window)
+        self.verify_scale = _WidthScale(self.window)
         self._overheads: deque[float] = deque(maxlen=max(self.window, 1))
         self.overhead_per_row = self.base_overhead_per_row
         self._errors: deque[tuple[float, float, float]] = deque(maxlen=5000)  # (measured, ours, base)
@@ -197,7 +240,8 @@ class CostModel:
         return self.draft.predict(batch_size, tokens_per_seq, context_len) * self.draft_scale.value
 
     def predict_verify(self, batch_size, tokens_per_seq, context_len):
-        return self.verify.predict(batch_size, tokens_per_seq, context_len) * self.verify_scale.value
+        scale = self.verify_scale.at(tokens_per_seq)
+        return self.verify.predict(batch_size, tokens_per_seq, context_len) * scale
 
     def predict_draft_grid(self, batch_size, tokens_per_seq, context_len) -> np.ndarray:
         """`predict_draft` elementwise over arrays (same values as scalar calls)."""
@@ -205,7 +249,8 @@ class CostModel:
 
     def predict_verify_grid(self, batch_size, tokens_per_seq, context_len) -> np.ndarray:
         """`predict_verify` elementwise over arrays (same values as scalar calls)."""
-        return _elementwise(self.verify, batch_size, tokens_per_seq, context_len) * self.verify_scale.value
+        return (_elementwise(self.verify, batch_size, tokens_per_seq, context_len)
+                * self.verify_scale.grid(tokens_per_seq))
 
     def predict_overhead(self, batch_size, drafted_tokens):
         """Engine work outside the forwards (sampling, acceptance, bookkeeping): per row handled."""
@@ -230,11 +275,12 @@ class CostModel:
 
     def predict(self, shape: StepShape, corrected: bool = True) -> StepTime:
         draft = sum(self.draft.predict(*f) for f in self.draft_forwards(shape))
-        verify = self.verify.predict(*self.verify_forward(shape))
+        forward = self.verify_forward(shape)
+        verify = self.verify.predict(*forward)
         per_row = self.overhead_per_row if corrected else self.base_overhead_per_row
         overhead = per_row * (1 + len(shape.contexts) + sum(shape.drafted))
         if corrected:
-            draft, verify = draft * self.draft_scale.value, verify * self.verify_scale.value
+            draft, verify = draft * self.draft_scale.value, verify * self.verify_scale.at(forward[1])
         return StepTime(float(draft), float(verify), float(overhead))
 
     # ------------------------------------------------------------------------------ online fit
@@ -244,12 +290,13 @@ class CostModel:
         returns what was predicted for it before learning (= `predict(shape)`)."""
         base = self.predict(shape, corrected=False)
         rows = 1 + len(shape.contexts) + sum(shape.drafted)
-        ours = StepTime(base.draft * self.draft_scale.value, base.verify * self.verify_scale.value,
+        width = self.verify_forward(shape)[1]
+        ours = StepTime(base.draft * self.draft_scale.value, base.verify * self.verify_scale.at(width),
                         self.overhead_per_row * rows)  # = predict(shape), without predicting twice
         self._errors.append((step_time, ours.total, base.total))
         if ours.draft > 0 and draft_time > 0:
-            self.draft_scale.update(draft_time, ours.draft / self.draft_scale.value)
-        self.verify_scale.update(verify_time, ours.verify / self.verify_scale.value)
+            self.draft_scale.update(draft_time, base.draft)
+        self.verify_scale.update(verify_time, base.verify, width)
         if self.window:
             self._overheads.append(max(0.0, step_time - draft_time - verify_time) / rows)
             self.overhead_per_row = _median(self._overheads)
@@ -272,6 +319,7 @@ class CostModel:
                 "mape_uncorrected": float(np.mean(np.abs(rel_base))),
                 "bias_uncorrected": float(np.mean(rel_base)),
                 "draft_scale": self.draft_scale.value, "verify_scale": self.verify_scale.value,
+                "verify_scale_by_width": self.verify_scale.report(),
                 "overhead_per_row_s": self.overhead_per_row}
 
     # ------------------------------------------------------------------------------ persistence

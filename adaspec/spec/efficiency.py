@@ -6,8 +6,9 @@ Every evaluator returns arrays of predicted step time T, expected tokens E and w
 violation V over its candidates; `pick` chooses among them:
 
 - efficiency only: the highest E / T;
-- SLO-aware: the highest E / T among candidates whose predicted step keeps every running request's
-  TPOT within its SLO (and every waiting request's TTFT, when a queue exists); if none does, the
+- SLO-aware: the highest E / T among candidates that keep every running request on track for its
+  TPOT SLO over its remaining tokens (`SLOState`), and every waiting request's TTFT when a queue
+  exists; if none does, the
   highest E / T among those that put the fewest requests over their SLO. (Not the smallest worst
   violation: SLO attainment counts requests, and one request that is late whatever we do would
   otherwise set the whole batch's speed: measured, it made the verifier drop every draft, step
@@ -27,32 +28,46 @@ from adaspec.spec.policy import BatchView
 
 
 class SLOState:
-    """Per-request SLO inputs of one step, as arrays.
+    """Per-request SLO inputs of one step.
 
-    A request's TPOT after a step of time t that emits e tokens is (spent + t) / (done + e), where
-    `spent` is the time since its first token and `done` the tokens after its first: slack earned
-    earlier absorbs a longer step; a request already behind cannot absorb one. A waiting request
-    gets the k-th slot to free up; a running request frees its slot in about remaining / e steps."""
+    A request's TPOT is judged over its whole life, not step by step: after `spent` seconds for
+    `done` tokens since its first, it may spend `budget = slo * (done + remaining) - spent` on its
+    `remaining` tokens, so it keeps its SLO at a steady `rate = budget / remaining` seconds a
+    token. A candidate step of time t that emits e tokens for it keeps it on track if t / e <= rate.
+    Slack earned earlier lowers the bar, debt raises it, both spread over the request's remaining
+    tokens (a request a little behind catches up over its life, not in one step; a request that
+    cannot make its SLO at any speed is over for every candidate, so it does not steer the choice).
+    Unknown remaining: the rate is the SLO itself. A waiting request gets the k-th slot to free up;
+    a running request frees its slot in about remaining / e steps."""
 
     def __init__(self, batch: BatchView):
         reqs = batch.requests
         inf = math.inf  # plain lists: most steps need a handful of scalar checks
-        self._tpot = [r.tpot_slo or inf for r in reqs]
-        self._spent = [r.since_first_token or 0.0 for r in reqs]
-        self._done = [float(max(r.output_tokens - 1, 0)) for r in reqs]
-        self._remaining = [inf if r.remaining_tokens is None else float(r.remaining_tokens) for r in reqs]
+        self._remaining = [inf if r.remaining_tokens is None else float(max(r.remaining_tokens, 1))
+                           for r in reqs]
+        self._rate = [self.rate(r.tpot_slo, r.since_first_token or 0.0, float(max(r.output_tokens - 1, 0)),
+                                rem) for r, rem in zip(reqs, self._remaining, strict=True)]
         queue = batch.waiting[:len(reqs)]
         self._wait_rank = [k for k, w in enumerate(queue) if w.ttft_slo]
         self._waited = [w.waited for w in queue if w.ttft_slo]
         self._ttft = [w.ttft_slo for w in queue if w.ttft_slo]
-        self.active = any(t < inf for t in self._tpot) or bool(self._ttft)
+        self.active = any(r.tpot_slo for r in reqs) or bool(self._ttft)
         self._arrays = None  # numpy copies for `worst`, made on first use (small batches never need them)
+
+    @staticmethod
+    def rate(slo: float | None, spent: float, done: float, remaining: float) -> float:
+        """Seconds a token the request can afford from now on (inf: no SLO; <= 0: already lost)."""
+        if not slo:
+            return math.inf
+        if math.isinf(remaining):
+            return slo
+        return (slo * (done + remaining) - spent) / remaining
 
     def _np(self):
         if self._arrays is None:
             f = lambda v: np.array(v, dtype=float)  # noqa: E731
-            self._arrays = (f(self._spent), f(self._done), f(self._tpot), f(self._remaining),
-                            np.array(self._wait_rank, dtype=int), f(self._waited), f(self._ttft))
+            self._arrays = (f(self._rate), f(self._remaining), np.array(self._wait_rank, dtype=int),
+                            f(self._waited), f(self._ttft))
         return self._arrays
 
     def worst_cell(self, t: float, e: list[float]) -> float:
@@ -60,12 +75,12 @@ class SLOState:
         cheaper than numpy for the few candidates of a small batch."""
         if not self.active:
             return -1.0
-        spent, done, tpot, remaining = self._spent, self._done, self._tpot, self._remaining
+        inf = math.inf
+        over = [t / max(x, 1e-9) / r - 1 if r > 0 else inf for x, r in zip(e, self._rate, strict=True)]
         rank, waited, ttft = self._wait_rank, self._waited, self._ttft
-        over = [(s + t) / max(d + x, 1e-9) / b - 1 for s, d, x, b in zip(spent, done, e, tpot, strict=True)]
         if ttft:
-            frees = [f * t for f in sorted(r / x for r, x in zip(remaining, e, strict=True))]
-            over += [(w + frees[k]) / sl - 1 if math.isfinite(frees[k]) else -math.inf
+            frees = [f * t for f in sorted(r / x for r, x in zip(self._remaining, e, strict=True))]
+            over += [(w + frees[k]) / sl - 1 if math.isfinite(frees[k]) else -inf
                      for k, w, sl in zip(rank, waited, ttft, strict=True)]
         v = max(over)
         return float(sum(1 for x in over if x > 0)) if v > 0 else v
@@ -76,9 +91,10 @@ class SLOState:
         running or waiting, predicted over their SLO (>= 1)."""
         if not self.active:
             return np.full(np.shape(t), -1.0)
-        spent, done, tpot, remaining, wait_rank, waited, ttft = self._np()
+        rate, remaining, wait_rank, waited, ttft = self._np()
         t = np.asarray(t, dtype=float)[..., None]
-        over = (spent + t) / np.maximum(done + e, 1e-9) / tpot - 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            over = np.where(rate > 0, t / np.maximum(e, 1e-9) / np.where(rate > 0, rate, 1.0) - 1, np.inf)
         if len(ttft):
             frees = np.sort(remaining / e, axis=-1) * t  # seconds until the k-th slot frees
             wait = frees[..., wait_rank]
