@@ -2,17 +2,17 @@
 
     # 1. the real run (bench sweep keeps each server's telemetry in its results folder)
     adaspec bench sweep --policies none,static:3,adaspec --trace T.csv ... --output-dir runs/real
-    # 2. this machine's cost profile, with the engine's per-step work outside the forwards (which
-    #    a profile of forwards alone misses) measured from the real run's telemetry, and the
-    #    acceptance seen in the real run
-    adaspec profile --output runs/profile.json
-    python benchmarks/sim_validation.py --calibrate runs/profile.json \\
-        runs/real/telemetry-static_3.jsonl --out runs/profile-engine.json
-    adaspec simulate --policies none,static:3,adaspec --trace T.csv ... (same workload flags) \\
-        --cost-model runs/profile-engine.json --acceptance empirical:runs/real/telemetry-static_3.jsonl \\
-        --no-oracle --output-dir runs/sim
+    # 2. its simulation, with step times fitted from that run's engine telemetry (forwards pooled,
+    #    time outside the forwards per policy: adaspec.sim.fitted) and the acceptance seen in it
+    adaspec simulate --policies none,static:3,adaspec --trace T.csv ... (same workload flags) \
+        --cost-model telemetry:$(ls runs/real/telemetry-*.jsonl | paste -sd,) \
+        --acceptance empirical:runs/real/telemetry-static_3.jsonl --no-oracle --output-dir runs/sim
     # 3. the comparison
     python benchmarks/sim_validation.py runs/real runs/sim --out docs/sim_validation
+
+(The first version timed steps with a start-up profile, `adaspec profile`, plus a per-row overhead
+measured from one policy's telemetry: `--calibrate PROFILE TELEMETRY --out`; it made the replay
+about twice too fast. `benchmarks/telemetry_breakdown.py` shows where the time goes.)
 
 For every policy and level present in both summaries: mean TPOT, P99 TPOT, output throughput and
 SLO attainment, real vs simulated, the relative error (attainment: absolute difference, since it is
@@ -42,6 +42,15 @@ def load(folder: Path) -> tuple[dict, dict]:
     return d["meta"], {(r["policy"], r["level"]): r for r in d["runs"]}
 
 
+def swapped_pairs(real_order: list[str], sim_order: list[str]) -> dict:
+    """How far from the same ranking: pairs of policies the two orders put the other way round, of
+    all pairs (Kendall's tau = 1 - 2 * swapped / pairs)."""
+    pos = {p: i for i, p in enumerate(sim_order)}
+    pairs = [(a, b) for i, a in enumerate(real_order) for b in real_order[i + 1:]]
+    swapped = sum(pos[a] > pos[b] for a, b in pairs)
+    return {"swapped_pairs": swapped, "pairs": len(pairs)}
+
+
 def compare(real: dict, sim: dict, tolerance: float) -> dict:
     rows, levels = [], sorted({lv for _, lv in real} & {lv for _, lv in sim})
     for key in sorted(real.keys() & sim.keys(), key=lambda k: (k[1], k[0])):
@@ -59,7 +68,8 @@ def compare(real: dict, sim: dict, tolerance: float) -> dict:
         here = [x for x in rows if x["level"] == lv and "tpot_mean_ms" in x]
         real_order = [x["policy"] for x in sorted(here, key=lambda x: x["tpot_mean_ms"]["real"])]
         sim_order = [x["policy"] for x in sorted(here, key=lambda x: x["tpot_mean_ms"]["sim"])]
-        ranking[str(lv)] = {"real": real_order, "sim": sim_order, "same": real_order == sim_order}
+        ranking[str(lv)] = {"real": real_order, "sim": sim_order, "same": real_order == sim_order,
+                            **swapped_pairs(real_order, sim_order)}
     return {"rows": rows, "ranking": ranking, "tolerance": tolerance}
 
 
@@ -93,7 +103,8 @@ def render(res: dict, real_meta: dict, sim_meta: dict, args: argparse.Namespace)
     lines += ["", "Ranking by mean TPOT (best first):", ""]
     for lv, v in res["ranking"].items():
         lines.append(f"- level {lv}: real {', '.join(v['real'])}; simulated {', '.join(v['sim'])}"
-                     f" ({'same' if v['same'] else 'different'})")
+                     f" ({'same' if v['same'] else 'different'}: {v['swapped_pairs']} of {v['pairs']} pairs "
+                     "swapped)")
     lines.append("")
     return "\n".join(lines)
 

@@ -76,6 +76,11 @@ def needs_profile(policy: str) -> bool:
         return False
 
 
+def file_stem(policy: str) -> str:
+    """A policy's name as it appears in the per-policy files (telemetry-<stem>.jsonl, ...)."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in policy)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,7 +105,7 @@ class ServerProcess:
             cmd += ["--model", c.model] + (["--draft-model", c.draft_model] if c.draft_model else [])
         if c.max_model_len:
             cmd += ["--max-model-len", str(c.max_model_len)]
-        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in self.policy)
+        stem = file_stem(self.policy)
         cmd += ["--save-telemetry", str(self.log_path.with_name(f"telemetry-{stem}.jsonl")),
                 "--save-decisions", str(self.log_path.with_name(f"decisions-{stem}.jsonl"))]
         return cmd + list(c.server_args)

@@ -72,8 +72,11 @@ def add_model_args(s: argparse.ArgumentParser) -> None:
     """What is simulated: cost model, acceptance model and the engine's limits."""
     s.add_argument("--cost-model", default="analytic:A100-80GB:vicuna-7b/vicuna-68m",
                    help="analytic:GPU:PAIR[:TP] (GPU: A100-80GB, L40, H100, H200; PAIR: "
-                        "vicuna-7b/vicuna-68m, vicuna-33b/vicuna-160m, llama-3.3-70b/llama-3.2-1b) or a JSON "
-                        "file: a measured profile (`adaspec profile`) or an analytic spec")
+                        "vicuna-7b/vicuna-68m, vicuna-33b/vicuna-160m, llama-3.3-70b/llama-3.2-1b), "
+                        "telemetry:[POLICY=]FILE[,...] (fitted from a real run's engine telemetry, e.g. "
+                        "bench sweep's telemetry-*.jsonl; each file's time outside the forwards applies "
+                        "to its policy) or a JSON file: a measured profile (`adaspec profile`) or an "
+                        "analytic spec")
     s.add_argument("--policy-cost-model", help="what the policies believe, if not the truth (same forms)")
     s.add_argument("--acceptance", default="synthetic:0.7",
                    help="synthetic[:MEAN[:CONC]] or empirical:TELEMETRY.jsonl (LLMEngine.export_telemetry)")
@@ -107,6 +110,7 @@ def setup(a: argparse.Namespace, slo_policy: str):
     `auto[:F]` TPOT SLO becomes F x the median TPOT of lone warm-up requests under `slo_policy`."""
     from adaspec.bench.workload import build_workload
     from adaspec.sim.acceptance_sim import AcceptanceSpec
+    from adaspec.sim.fitted import FittedCostModel
     from adaspec.sim.hardware import resolve_cost_model
     from adaspec.sim.simulator import SimConfig, Simulator
 
@@ -137,6 +141,8 @@ def setup(a: argparse.Namespace, slo_policy: str):
                 "acceptance": acc.describe(), "config": {k: v for k, v in vars(cfg).items()},
                 "prompt_tokens": f"characters / {a.chars_per_token}, cut to {cfg.max_prompt_tokens} and to "
                                  "max_model_len - max_tokens"}
+    if isinstance(truth, FittedCostModel):  # keep the fitted coefficients with the report
+        sim_meta["cost_model_fit"] = truth.to_dict()
     return truth, believed, acc, wl, cfg, sim, slo_note, sim_meta
 
 

@@ -230,7 +230,18 @@ def load_cost_model(path: str | Path) -> CostModel:
 
 
 def resolve_cost_model(spec: str) -> tuple[CostModel, str]:
-    """`analytic:GPU:PAIR[:TP]` or a JSON path -> (cost model, description for the report)."""
+    """`analytic:GPU:PAIR[:TP]`, `telemetry:[POLICY=]PATH[,...]` (fitted from a real run's engine
+    telemetry, `adaspec.sim.fitted`) or a JSON path -> (cost model, description for the report)."""
+    if spec.startswith("telemetry:"):
+        from adaspec.sim.fitted import fit_telemetry
+
+        cm = fit_telemetry([p for p in spec.removeprefix("telemetry:").split(",") if p])
+        m, r = cm.meta, cm.meta["range"]
+        return cm, (f"fitted from engine telemetry {', '.join(m['telemetry'])} ({m['decode_steps']} decode, "
+                    f"{m['prefill_steps']} prefill steps; decode shapes seen: batch <= {r['batch']}, "
+                    f"<= {r['tokens_per_row']} tokens per row, context <= {r['context']}): forwards pooled "
+                    "over the files, time outside the forwards (in steps and between them) per policy, "
+                    "measured in its own run")
     if spec.startswith("analytic:"):
         parts = spec.split(":")
         if len(parts) not in (3, 4):

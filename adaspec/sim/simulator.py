@@ -5,8 +5,9 @@ The step is the engine's `_decode_step` call for call (plan, draft token by toke
 keep_drafting after each draft forward, prune, verify, observe), on the engine's own `Scheduler`,
 `Sequence`, `request_view` and `fit_budget`, so admission, the KV-slot budget, hard caps and every
 policy are exactly the engine's; only forwards are replaced by the cost model and token matching
-by the request's draws. Time advances by each step's modelled duration; requests arriving during
-a step join at the next step boundary, as in the engine. Output: per-request `RequestResult`s
+by the request's draws. Time advances by each step's modelled duration (plus, for a cost model
+fitted from telemetry, the measured gap to the next step); requests arriving during a step join at
+the next step boundary, as in the engine. Output: per-request `RequestResult`s
 (one streamed chunk per step, at the step's end) that `bench.metrics.summarize` takes as is.
 """
 
@@ -26,8 +27,9 @@ from adaspec.engine.sampling import SamplingParams
 from adaspec.engine.scheduler import Scheduler
 from adaspec.engine.sequence import SLO, Sequence
 from adaspec.sim.acceptance_sim import AcceptanceSpec, Draws
+from adaspec.sim.fitted import FittedCostModel
 from adaspec.sim.oracle import OraclePolicy
-from adaspec.spec.cost_model import CostModel, StepShape
+from adaspec.spec.cost_model import CostModel, StepShape, StepTime
 from adaspec.spec.policy import BatchView, Policy, StepOutcome, WaitingView, make_policy
 
 
@@ -85,6 +87,8 @@ class Simulator:
         pol = make_policy(spec, self.cfg.num_speculative_tokens, cm)
         if pol.needs_cost_model and pol.cost_model is None:
             pol.cost_model = cm
+        if isinstance(cm, FittedCostModel):  # the policy's own time outside the forwards
+            cm.use_policy(pol.name)
         return pol
 
     def run_length(self, request_id: str, cap: int) -> int:
@@ -121,6 +125,8 @@ class Simulator:
         c = self.cfg
         self._wall = time.perf_counter()
         self.policy = self.make_policy(policy)
+        self.cost = self.truth.for_policy(self.policy.name) if isinstance(self.truth, FittedCostModel) \
+            else self.truth
         self.sched = Scheduler(c.max_num_seqs, c.max_model_len, c.token_budget)
         self.rng = np.random.default_rng([c.seed, 11, *([self.stream] if self.stream else [])])
         self.results: dict[str, RequestResult] = {}
@@ -171,13 +177,24 @@ class Simulator:
         sigma = np.sqrt(np.log1p(cv * cv))
         return t * float(self.rng.lognormal(-sigma * sigma / 2, sigma))
 
+    def _prefill_time(self, lens: list[int]) -> StepTime:
+        """One prefill-first step (the engine's: whole prompts, target then draft, decode waits)."""
+        cm, uses_draft = self.cost, self.policy.uses_draft
+        if isinstance(cm, FittedCostModel):
+            return cm.predict_prefill(lens, uses_draft)
+        width = cm._pick(lens)  # a profile of decode forwards, extrapolated to the prompt's width
+        draft = cm.predict_draft(len(lens), width, width) if uses_draft else 0.0
+        return StepTime(draft, cm.predict_verify(len(lens), width, width), cm.predict_overhead(len(lens), 0))
+
+    def _gap(self, kind: str, batch: int, drafted: int) -> float:
+        """Time between this step's end and the next step's start while there is work."""
+        return self.cost.predict_gap(kind, batch, drafted) if isinstance(self.cost, FittedCostModel) else 0.0
+
     def _prefill(self, seqs: list[Sequence], now: float) -> float:
-        cm = self.truth
         lens = [s.num_prompt_tokens for s in seqs]
-        width = cm._pick(lens)
-        verify = cm.predict_verify(len(seqs), width, width)
-        draft = cm.predict_draft(len(seqs), width, width) if self.policy.uses_draft else 0.0
-        step = self._time(verify + draft + cm.predict_overhead(len(seqs), 0))
+        st = self._prefill_time(lens)
+        draft, verify = st.draft, st.verify
+        step = self._time(st.total)
         end = now + step
         for s in seqs:
             s.target_len = len(s.tokens)
@@ -189,7 +206,7 @@ class Simulator:
             self.steps.append(StepRecord("prefill", now, len(seqs), len(self.sched.waiting), lens,
                                          [s.request_id for s in seqs], draft_time=draft, verify_time=verify,
                                          step_time=step))
-        return end
+        return end + self._gap("prefill", len(seqs), 0)
 
     def _decode(self, seqs: list[Sequence], now: float) -> float:
         c, pol = self.cfg, self.policy
@@ -215,7 +232,7 @@ class Simulator:
             active = [a and bool(k) for a, k in zip(active, keep, strict=True)]
         lengths = [max(0, min(int(n), d)) for n, d in zip(pol.prune(batch), drafted, strict=True)]
         contexts = [v.context_len for v in views]
-        st = self.truth.predict(StepShape(contexts, [v.draft_lag for v in views], drafted, lengths))
+        st = self.cost.predict(StepShape(contexts, [v.draft_lag for v in views], drafted, lengths))
         step = self._time(st.total)
         scale = step / st.total if st.total > 0 else 1.0
         end = now + step
@@ -240,7 +257,7 @@ class Simulator:
                                          planned, lengths, accepted, confidences, draft_steps,
                                          st.draft * scale, st.verify * scale, step))
         self._spec_log.append((end, sum(lengths), len(seqs)))
-        return end
+        return end + self._gap("decode", len(seqs), sum(lengths))
 
     def _emit(self, s: Sequence, n: int, t: float) -> None:
         """Append up to n tokens; finish at max_tokens or max_model_len (no EOS: ignore_eos)."""
