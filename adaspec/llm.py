@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from adaspec.engine import host
 from adaspec.engine.engine import LLMEngine
 from adaspec.engine.sampling import SamplingParams
 from adaspec.engine.sequence import SLO, Sequence
@@ -96,6 +97,9 @@ def build_engine(model: str | Path | None = None, draft_model: str | Path | None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available")
     dt = resolve_dtype(dtype, dev)
+    host.thaw_heap()
+    if dev.type == "cpu":
+        host.tune_allocator()
     target = load_model(model, dtype=dt, device=dev)
     tokenizer = load_tokenizer(model)
     draft = None
@@ -127,6 +131,7 @@ def build_engine(model: str | Path | None = None, draft_model: str | Path | None
         from adaspec.spec.profiler import profile_engine
 
         pol.cost_model = profile_engine(engine, (str(model), str(draft_model)), reprofile)
+    host.freeze_heap()
     return engine
 
 

@@ -245,3 +245,24 @@ def test_greedy_identical_on_cuda(tiny_pair, reference):
     b = plain.generate(PROMPTS[:8], greedy())
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert sum(o.spec_stats["accepted"] for o in a) > 0
+
+
+def test_engine_freezes_its_start_up_heap_and_frees_a_dropped_engine(tiny_pair):
+    """After start-up the heap is frozen (full GC passes skip it); a dropped engine is still freed,
+    cycles included, by the time the next one is built (its KV cache would otherwise leak)."""
+    import gc
+    import weakref
+
+    from adaspec.engine import host
+    from adaspec.llm import build_engine
+
+    target, draft, _ = tiny_pair
+    first = build_engine(str(target), str(draft), "static:2", 4, max_num_seqs=2, max_model_len=64)
+    assert gc.get_freeze_count() > 0
+    first.engine_cycle = first  # a reference cycle through the engine
+    ref = weakref.ref(first)
+    del first
+    gc.collect()
+    second = build_engine(str(target), str(draft), "static:2", 4, max_num_seqs=2, max_model_len=64)
+    assert ref() is None and second is not None
+    assert host.tune_allocator() == host.tune_allocator()  # once per process, same answer

@@ -69,8 +69,11 @@ def test_next_token_options_match_the_grid(monkeypatch):
         monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
         T, E, V, order = efficiency.continuation_grid(cm, slo, contexts, drafted, base, prefix, cont,
                                                       [[a] for a in nxt], [1] * len(cont), sunk)
-        t, e, v, o = efficiency.next_token_options(cm, slo, contexts, drafted, base, prefix, cont, nxt, sunk)
-        assert o == order and t == T[1].tolist() and e == E[1].tolist() and v == V[1].tolist()
+        for small_slo in (0, 10**9):  # SLO checks in numpy, then in plain Python
+            monkeypatch.setattr(efficiency, "SMALL_SLO", small_slo)
+            t, e, v, o = efficiency.next_token_options(cm, slo, contexts, drafted, base, prefix, cont, nxt,
+                                                       sunk)
+            assert o == order and t == T[1].tolist() and e == E[1].tolist() and v == V[1].tolist()
         aware = rng.random() < 0.5
         monkeypatch.setattr(efficiency, "SMALL_PICK", 0)  # numpy's argmax
         assert efficiency.pick_small(t, e, v, aware) == efficiency.pick(T[1], E[1], V[1], aware)

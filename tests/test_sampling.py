@@ -38,6 +38,15 @@ def test_tiny_temperature_is_greedy():
     assert not SamplingParams(temperature=1e-3).greedy
 
 
+def test_tiny_top_p_keeps_the_top_token():
+    """top_p = 2e-71 (found by the server fuzz test) rounds to 0 in float32; the nucleus still
+    holds the most likely token instead of nothing (which made the softmax NaN: a 500)."""
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    for top_p in (2.0181127194778612e-71, 1e-9):
+        probs = probs_from_logits(logits, [SamplingParams(temperature=1.0, top_p=top_p)])
+        assert probs.tolist() == [[0.0, 1.0, 0.0]]
+
+
 def test_verify_unit_distribution():
     """First emitted token ~ p1; second, when there is one, ~ p2, for a q far from p."""
     g = torch.Generator().manual_seed(0)

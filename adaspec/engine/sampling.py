@@ -87,7 +87,7 @@ def _filter_top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -
     ps = torch.tensor(top_p, device=x.device)
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = probs.cumsum(-1) - probs
-    drop |= mass_before >= ps[:, None]
+    drop |= (mass_before >= ps[:, None]) & (ranks > 0)  # a top_p below float32's range rounds to 0
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(-1, order, sorted_x)
 

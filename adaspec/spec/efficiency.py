@@ -227,6 +227,11 @@ def next_token_options(cm: CostModel, slo: SLOState, contexts: list[int], drafte
     T, E = T[1], E[1]
     if not slo.active:
         return T, E, [-1.0] * (M + 1), order
+    if (M + 1) * len(base_tokens) > SMALL_SLO:  # many requests: one numpy check of every m
+        e = np.tile(np.asarray(base_tokens, dtype=float), (M + 1, 1))
+        for m in range(1, M + 1):
+            e[m:, order[m - 1]] += gains[m - 1][1]
+        return T, E, slo.worst(np.array(T), e).tolist(), order
     e = list(base_tokens)
     V = [slo.worst_cell(T[0], e)]
     for m in range(1, M + 1):
