@@ -100,6 +100,9 @@ def test_verification_is_corrected_per_width():
         shared * cm.verify.predict(2, 3, 12))  # width 3: no steps of its own yet
     grid = cm.predict_verify_grid(np.array([2, 2, 2]), np.array([1, 3, 5]), np.array([10, 12, 14]))
     assert grid.tolist() == [cm.predict_verify(2, w, c) for w, c in ((1, 10), (3, 12), (5, 14))]
+    for _ in range(21):  # only narrow steps for over 2 x window steps: the wide factor is stale
+        cm.observe(narrow, 0.0, 2.0 * base_narrow.verify, 2.0 * base_narrow.verify)
+    assert cm.predict(wide).verify == pytest.approx(2.0 * base_wide.verify)  # the shared factor
 
 
 def test_frozen_model_does_not_learn():

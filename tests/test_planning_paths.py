@@ -17,16 +17,18 @@ def _random_case(rng: random.Random):
                    ForwardTimeModel([rng.random() * 1e-3 for _ in range(6)], rng.choice([0.0, 64.0])),
                    rng.random() * 1e-5, rng.random() < 0.5)
     cm.draft_scale.value, cm.verify_scale.value = rng.uniform(0.5, 2), rng.uniform(0.5, 2)
-    for bucket in cm.verify_scale.buckets:  # some widths corrected on their own
+    for k, bucket in enumerate(cm.verify_scale.buckets):  # some widths corrected on their own
         if rng.random() < 0.5:
             bucket.value = rng.uniform(0.5, 2)
             bucket.ratios.extend([bucket.value] * 3)
+            cm.verify_scale.last[k] = cm.verify_scale.steps
     B = rng.randint(1, 20)
     reqs = [SimpleNamespace(tpot_slo=rng.choice([None, 0.05]), since_first_token=rng.random(),
                             output_tokens=rng.randint(0, 300), remaining_tokens=rng.choice([None, 50]))
             for _ in range(B)]
     waiting = [SimpleNamespace(waited=rng.random(), ttft_slo=rng.choice([None, 1.0])) for _ in range(2)]
     slo = efficiency.SLOState(SimpleNamespace(requests=reqs, waiting=waiting))
+    slo.behind = [rng.random() < 0.3 for _ in range(B)]  # some requests rank first
     cont = sorted(rng.sample(range(B), rng.randint(1, B)))
     H = rng.randint(1, 8)
     return (cm, slo, [rng.randint(1, 3000) for _ in range(B)], [rng.randint(0, 6) for _ in range(B)],
@@ -85,12 +87,14 @@ def test_small_pick_matches_numpy(monkeypatch):
         n = rng.randint(1, 12)
         t = np.array([rng.choice([0.0, rng.random()]) for _ in range(n)])
         e = np.array([rng.choice([1.0, 1 + rng.random()]) for _ in range(n)])
-        v = np.array([rng.choice([-0.5, 0.0, rng.uniform(-1, 1)]) for _ in range(n)])
+        v = np.array([rng.choice([-0.5, 0.0, rng.uniform(-1, 1), float(rng.randint(1, 5))])
+                      for _ in range(n)])
+        pop = rng.randint(1, 20)
         for aware in (True, False):
             monkeypatch.setattr(efficiency, "SMALL_PICK", 0)
-            slow = int(efficiency.pick(t, e, v, aware))
+            slow = int(efficiency.pick(t, e, v, aware, pop))
             monkeypatch.setattr(efficiency, "SMALL_PICK", 64)
-            assert efficiency.pick(t, e, v, aware) == slow
+            assert efficiency.pick(t, e, v, aware, pop) == slow
 
 
 def test_unseen_table_matches_predict_unseen():

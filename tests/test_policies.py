@@ -202,14 +202,15 @@ def test_slo_is_judged_over_the_request_s_remaining_tokens():
                     remaining_tokens=remaining)
         return SLOState(BatchView([r], 8))
 
-    assert slo(100).worst_cell(15 * MS, [1.0]) < 0  # 15 ms a token: on track
-    assert slo(1).worst_cell(15 * MS, [1.0]) == 1.0  # one request over
-    assert slo(1).worst_cell(15 * MS, [1.6]) < 0  # unless the step brings 1.6 tokens
+    assert slo(100).worst_cells([15 * MS], [[1.0]]) == [pytest.approx(15 / 19.9 - 1)]  # on track
+    # with one token to go, 15 ms is over, unless the step brings 1.6 tokens
+    assert slo(1).worst_cells([15 * MS, 15 * MS], [[1.0], [1.6]]) == [1.0, pytest.approx(15 / 16 - 1)]
+    assert slo(1).worst_cells([15 * MS], [[1.0]]) == [-1.0]  # late whatever we do: does not count
     assert slo(100).worst(np.array([15 * MS, 25 * MS]), np.array([[1.0], [1.0]])).tolist() == [
         pytest.approx(15 / 19.9 - 1), 1.0]
 
 
-def test_infeasible_slo_counts_requests_not_the_worst_one():
+def test_a_late_request_does_not_steer_but_a_savable_one_does():
     """'a' is late whatever we do: it must not hold the batch back (the choice is then the most
     efficient one); but when speculating on 'a' brings it back on track for its SLO, that is
     chosen, though it costs the batch."""
@@ -228,6 +229,59 @@ def test_infeasible_slo_counts_requests_not_the_worst_one():
     assert drafted[0] > 0 and drafted[1:] == [0, 0, 0]
     plan = pol.log._current["phases"][0]
     assert plan["candidates"][0]["violation"] == 1.0 and plan["choice"]["violation"] <= 0
+
+
+def test_no_request_is_sacrificed_to_rescue_others():
+    """a1 and a2 are behind (10 ms a token left for their last 4) and only speculation gets them
+    there; b (13 ms a token left, unpredictable) is on track only without it. No step keeps all
+    three on track, so the choice is the most efficient step (here: none), not the one that puts
+    the fewest requests over (rescuing a1 and a2 by slowing b and the batch)."""
+    cost = CostModel.linear(draft_step=6 * MS, verify_step=10 * MS, verify_per_token=0.5 * MS, padded=False)
+    rates = {"a1": 0.9, "a2": 0.9, "b": 0.05}
+
+    def batch():
+        left = {"a1": 10 * MS, "a2": 10 * MS, "b": 13 * MS}  # per token, for the last 4
+        return BatchView([request(r, output_tokens=11, since_first_token=20 * MS * 14 - 4 * left[r],
+                                  tpot_slo=20 * MS, remaining_tokens=4, cap=3) for r in left], 8)
+
+    pol = adaspec(cost, rates)
+    assert drive(pol, batch()) == drive(adaspec(cost, rates, "adaspec-noslo"), batch()) == ([0, 0, 0],) * 3
+    cands = pol.log._current["phases"][0]["candidates"]
+    assert cands[0]["violation"] == 2.0  # without speculation a1 and a2 are over
+    assert min(c["violation"] for c in cands) == 1.0  # speculating rescues them and puts b over
+
+
+def test_a_request_behind_its_slo_drafts_first():
+    """'x' is behind (12 ms a token left for its last 4; a plain step takes more) and less
+    predictable than 'y' and 'z': efficiency alone drafts only for y and z, while the SLO-aware
+    choice ranks x first and drafts for it (without it x could only miss)."""
+    cost = CostModel.linear(draft_step=1 * MS, draft_per_row=1 * MS, verify_step=10 * MS,
+                            verify_per_token=1.5 * MS, padded=False)
+    rates = {"x": 0.6, "y": 0.9, "z": 0.9}
+
+    def batch():
+        x = request("x", output_tokens=11, since_first_token=20 * MS * 14 - 4 * 12 * MS, tpot_slo=20 * MS,
+                    remaining_tokens=4, cap=3)
+        return BatchView([x, request("y", cap=3), request("z", cap=3)], 8)
+
+    assert drive(adaspec(cost, rates, "adaspec-noslo"), batch())[0] == [0, 3, 3]
+    pol = adaspec(cost, rates)
+    planned, drafted, verified = drive(pol, batch())
+    assert pol._slo.behind == [True, False, False] and planned[0] == 3 and verified[0] >= 1
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_a_rescue_may_cost_the_share_of_requests_it_saves(monkeypatch, small):
+    """The most efficient step (100 tokens/s) leaves 2 requests off track that a slower one (85
+    tokens/s) keeps on track: worth 15% of the throughput with 4 requests at stake (50%), not with
+    16 (12.5%)."""
+    from adaspec.spec import efficiency
+
+    monkeypatch.setattr(efficiency, "SMALL_PICK", 64 if small else 0)
+    t, e, v = np.array([1.0, 1.0, 1.0]), np.array([90.0, 100.0, 85.0]), np.array([1.0, 2.0, -0.1])
+    assert efficiency.pick(t, e, v, True, population=4) == 2
+    assert efficiency.pick(t, e, v, True, population=16) == 1
+    assert efficiency.pick(t, e, v, False, population=4) == 1
 
 
 def test_verifier_explores_where_calibration_lacks_evidence():

@@ -1,6 +1,6 @@
 """Process-level settings for serving: Python's garbage collector and the C allocator.
 
-Both are measured causes of slow steps, not guesses (`docs/policies.md`):
+Both are measured causes of slow steps, not guesses:
 
 - **GC pauses.** A process that has imported torch and transformers tracks millions of objects; a
   full (oldest-generation) collection walks all of them and took 220-530 ms here, a stall in the
@@ -12,7 +12,10 @@ Both are measured causes of slow steps, not guesses (`docs/policies.md`):
   How often depends on what the Python side allocates between forwards: with a planning policy the
   same batch-32 decode forward measured ~10% slower than with `none`, at 120-140 page faults per
   step. Keeping freed memory in the process (`mallopt`) brought that to 7-14 and the forward times
-  together. Skipped where the user set `MALLOC_*` themselves or preloads another allocator.
+  together. Skipped where the user set `MALLOC_*` themselves, preloads another allocator, or sets
+  `ADASPEC_TUNE_MALLOC=0`.
+
+Measured by `benchmarks/host_effects.py` (`docs/host_effects.md`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def tune_allocator() -> bool:
         return _allocator_tuned
     _allocator_tuned = False
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ) \
-            or "malloc" in os.environ.get("LD_PRELOAD", ""):
+            or "malloc" in os.environ.get("LD_PRELOAD", "") or os.environ.get("ADASPEC_TUNE_MALLOC") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -21,7 +21,7 @@ import numpy as np
 
 from adaspec.spec.acceptance import AcceptanceModel
 from adaspec.spec.control import ControlledPolicy
-from adaspec.spec.cost_model import CostModel
+from adaspec.spec.cost_model import CostModel, StepShape
 from adaspec.spec.decisions import candidate
 from adaspec.spec.efficiency import (
     SLOState,
@@ -102,11 +102,23 @@ class AdaSpecPolicy(ControlledPolicy):
             self.log.add("plan", [], "no request may draft")
             return self._planned
         n = len(reqs)
+        if self.slo_aware and self._slo.active:
+            plain = self.costs.predict(StepShape([r.context_len for r in reqs], [r.draft_lag for r in reqs],
+                                                 [0] * n, [0] * n)).total
+            best = []
+            for i, r in enumerate(reqs):
+                p, total = 1.0, 1.0
+                for a in self._unseen[i][:r.max_draft]:
+                    p *= a
+                    total += p
+                best.append(total)
+            self._slo.mark_behind(plain, best)
         T, E, V, order = continuation_grid(
             self.costs, self._slo, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [self._unseen[i][:reqs[i].max_draft] for i in cont],
             [min(reqs[i].draft_lag, batch.num_speculative_tokens + 1) for i in cont], 0.0)
-        h, m = np.unravel_index(pick(T.ravel(), E.ravel(), V.ravel(), self.slo_aware), T.shape)
+        choice = pick(T.ravel(), E.ravel(), V.ravel(), self.slo_aware, self._slo.population)
+        h, m = np.unravel_index(choice, T.shape)
         if h and m:
             for i in order[:m]:
                 self._planned[i] = reqs[i].max_draft
@@ -127,7 +139,7 @@ class AdaSpecPolicy(ControlledPolicy):
             self.costs, self._slo, [r.context_len for r in reqs], drafted, [1 + sum(ps) for ps in pp],
             [ps[-1] if ps else 1.0 for ps in pp], cont, [self._unseen[i][drafted[i]] for i in cont],
             self._sunk_draft_time(batch))
-        m = pick_small(T, E, V, self.slo_aware)
+        m = pick_small(T, E, V, self.slo_aware, self._slo.population)
         keep = set(order[:m])
         self.log.add("draft", [candidate(f"m={k}", E[k], T[k], V[k], m=k) for k in sorted({0, m, len(cont)})],
                      candidate(f"m={m}", E[m], T[m], V[m], m=m), drafted=drafted[cont[0]])
@@ -140,7 +152,7 @@ class AdaSpecPolicy(ControlledPolicy):
             return drafted
         T, E, V, removals = prune_sequence(self.costs, self._slo, [r.context_len for r in batch.requests],
                                            drafted, self._prefix_probs, self._sunk_draft_time(batch))
-        r = int(pick(T, E, V, self.slo_aware))
+        r = int(pick(T, E, V, self.slo_aware, self._slo.population))
         lengths = list(drafted)
         for i in removals[:r]:
             lengths[i] -= 1

@@ -171,7 +171,9 @@ class _WidthScale:
     """The verification's online correction, per verify width (tokens per row): the start-up
     profile can be off by different factors for a plain decode forward (width 1) and a wide
     verification, and one shared factor learned from wide steps would misprice narrow ones (and the
-    choice between them). A width bucket with too few recent steps uses the shared factor."""
+    choice between them). A width bucket uses the shared factor while it has too few steps of its
+    own, or none in the last `2 * window` steps: a stale factor (say, from a slow spell) must not
+    keep a policy away from a width for good, since only steps of that width would correct it."""
 
     BUCKETS = (1, 2, 4, 7)  # lower edges: widths 1 | 2-3 | 4-6 | 7+
     MIN_RATIOS = 3
@@ -179,6 +181,9 @@ class _WidthScale:
     def __init__(self, window: int):
         self.shared = _Scale(window)
         self.buckets = [_Scale(window) for _ in self.BUCKETS]
+        self.steps = 0
+        self.last = [-(10**9)] * len(self.BUCKETS)  # step of each bucket's latest ratio
+        self.fresh_for = 2 * max(window, 1)
 
     @property
     def value(self) -> float:
@@ -193,12 +198,18 @@ class _WidthScale:
         return 0 if width < 1.5 else 1 if width < 3.5 else 2 if width < 6.5 else 3
 
     def update(self, measured: float, predicted: float, width: float) -> None:
+        self.steps += 1
         self.shared.update(measured, predicted)
-        self.buckets[self._bucket(width)].update(measured, predicted)
+        b = self._bucket(width)
+        self.buckets[b].update(measured, predicted)
+        self.last[b] = self.steps
 
     def at(self, width: float) -> float:
-        b = self.buckets[self._bucket(width)]
-        return b.value if len(b.ratios) >= self.MIN_RATIOS else self.shared.value
+        b = self._bucket(width)
+        s = self.buckets[b]
+        if len(s.ratios) >= self.MIN_RATIOS and self.steps - self.last[b] <= self.fresh_for:
+            return s.value
+        return self.shared.value
 
     def grid(self, width) -> np.ndarray:
         """`at` elementwise over an array of widths."""
