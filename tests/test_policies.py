@@ -154,15 +154,17 @@ def test_padded_verifier_shrinks_the_batch_width():
 
 
 def test_catch_up_debt_does_not_lock_speculation_off():
-    """After a busy stretch without speculation the draft lags by hundreds of tokens; that debt is
-    owed by any later speculation, so the plan charges at most K+1 of it (the full catch-up at
-    0.2 ms a token would cost more than the whole step gains)."""
+    """After a busy stretch without speculation the draft lags; that debt is owed by any later
+    speculation and grows while we wait, so the plan charges only a steady step's catch-up (2
+    tokens). Here a drafted token is worth it at that catch-up (1.5 tokens in 12.5 ms against 1 in
+    10.1 ms) but not if the first draft forward carried 9 tokens a row (1.5 in 19.5 ms): charging
+    even the K+1 cap would keep speculation off for good."""
     from adaspec.spec.cost_model import ForwardTimeModel
 
-    cost = CostModel(ForwardTimeModel([0.3 * MS, 0, 0.2 * MS, 0, 0, 0]),
+    cost = CostModel(ForwardTimeModel([0.3 * MS, 0, 1.0 * MS, 0, 0, 0]),
                      ForwardTimeModel([10 * MS, 0, 0.1 * MS, 0, 0, 0]), window=0)
-    for lag in (1, 300):
-        planned = adaspec(cost, {"a": 0.9}).plan(BatchView([request("a", draft_lag=lag)], 8))
+    for lag in (1, 9, 300):
+        planned = adaspec(cost, {"a": 0.5}).plan(BatchView([request("a", draft_lag=lag)], 8))
         assert planned == [8], lag
     full = cost.predict(StepShape([20], [300], [3], [3])).total
     assert full > 3 * cost.predict(StepShape([20], [1], [3], [3])).total  # predictions stay honest

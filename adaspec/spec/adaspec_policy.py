@@ -4,9 +4,12 @@ Per step (see `efficiency.py` for the model and the choice rule):
 - plan: weigh every (depth h, top-m requests) candidate with look-ahead acceptance predictions
   against no speculation; skip speculation unless some candidate is predicted to pay. The chosen
   requests may draft up to their cap; how far they go is decided token by token. The draft's
-  catch-up after steps without speculation is charged up to K+1 tokens a row: the rest is a debt
-  that any later speculation must pay too (and that grows while we wait), so charging it in full
-  would lock speculation off after a busy period.
+  catch-up after steps without speculation is a debt that any later speculation must pay too, and
+  it grows while we wait; the plan charges only the catch-up of steady speculation (STEADY_LAG
+  tokens a row: the last draft and the bonus token), so the choice is between speculating from
+  now on and not. Charging the debt, even capped at K+1 tokens, locked speculation off at batch
+  32 (measured: 410 of 458 steps without drafts, median lag 25 tokens, 1034 tokens/s where
+  static:3 reached 1306).
 - keep_drafting: with the real draft confidences so far, weigh again which requests draft one more
   token (the sunk draft time counts): each request stops on its own (ragged lengths), and the batch
   stops when no request's next token is worth its cost.
@@ -32,6 +35,8 @@ from adaspec.spec.efficiency import (
     prune_sequence,
 )
 from adaspec.spec.policy import BatchView, fit_limits
+
+STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft + bonus token)
 
 
 class AdaSpecPolicy(ControlledPolicy):
@@ -116,7 +121,7 @@ class AdaSpecPolicy(ControlledPolicy):
         T, E, V, order = continuation_grid(
             self.costs, self._slo, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [self._unseen[i][:reqs[i].max_draft] for i in cont],
-            [min(reqs[i].draft_lag, batch.num_speculative_tokens + 1) for i in cont], 0.0)
+            [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0)
         choice = pick(T.ravel(), E.ravel(), V.ravel(), self.slo_aware, self._slo.population)
         h, m = np.unravel_index(choice, T.shape)
         if h and m:
