@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not a.prompts.exists():
         ap.error(f"no prompt file at {a.prompts}; pass --prompts PATH (Spec-Bench JSONL)")
+    commit = git_commit() or "unknown"  # the code this run loads (the tree may change while it runs)
     levels = [int(c) for c in a.concurrency.split(",")]
     policies = a.policies.split(",")
     kw = dict(model=a.model, draft_model=a.draft_model, num_speculative_tokens=a.num_speculative_tokens,
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                        f"{platform.python_version()}, torch {torch.__version__}",
-            "adaspec": __version__, "commit": git_commit() or "unknown", "model": a.model,
+            "adaspec": __version__, "commit": commit, "model": a.model,
             "draft_model": a.draft_model,
             "prompts": str(a.prompts), "num_prompts": len(prompt_ids), "max_prompt_tokens": limit,
             "output_length_rule": f"fixed {a.max_tokens} tokens, ignore_eos", "temperature": a.temperature,
