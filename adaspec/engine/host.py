@@ -1,21 +1,19 @@
 """Process-level settings for serving: Python's garbage collector and the C allocator.
 
-Both are measured causes of slow steps, not guesses:
+Both are measured (`benchmarks/host_effects.py`, `docs/host_effects.md`, concurrency 32 on the
+embedded pair):
 
-- **GC pauses.** A process that has imported torch and transformers tracks millions of objects; a
-  full (oldest-generation) collection walks all of them and took 220-530 ms here, a stall in the
-  middle of a decode step. After start-up the heap is frozen (`gc.freeze`, as vLLM does), so later
-  collections walk only what serving allocates. Building another engine unfreezes first, so a
-  dropped engine's cyclic garbage is still collected.
+- **GC pauses.** A process that has imported torch and transformers tracks about 350,000
+  objects; a full (oldest-generation) collection walks all of them and took 300-360 ms, a stall
+  in the middle of a decode step. After start-up the heap is frozen (`gc.freeze`, as vLLM does):
+  a full collection then took 2-6 ms. Building another engine unfreezes first, so a dropped
+  engine's cyclic garbage is still collected.
 - **Page faults in the forwards.** glibc returns freed memory to the OS and maps large blocks
-  afresh, so the forward's temporaries (KV gathers, logits) fault their pages in again every step.
-  How often depends on what the Python side allocates between forwards: with a planning policy the
-  same batch-32 decode forward measured ~10% slower than with `none`, at 120-140 page faults per
-  step. Keeping freed memory in the process (`mallopt`) brought that to 7-14 and the forward times
-  together. Skipped where the user set `MALLOC_*` themselves, preloads another allocator, or sets
-  `ADASPEC_TUNE_MALLOC=0`.
-
-Measured by `benchmarks/host_effects.py` (`docs/host_effects.md`).
+  afresh, so the forward's temporaries (KV gathers, logits) fault their pages in again, step
+  after step: 245 page faults per decode step with `none`, 712 with `adaspec`. Keeping freed
+  memory in the process (`mallopt`) brought that to 1 and 63. A throughput gain was not
+  measurable against this machine's noise (one run each, within 5%). Skipped where the user set
+  `MALLOC_*` themselves, preloads another allocator, or sets `ADASPEC_TUNE_MALLOC=0`.
 """
 
 from __future__ import annotations
