@@ -47,8 +47,8 @@ class OraclePolicy(Policy):
             tokens.append([k + 1 for k in lengths])
         t, e = np.asarray(times), np.asarray(tokens, dtype=float)
         eff = e.sum(-1) / np.maximum(t, 1e-12)
-        if self.slo_aware:  # the most efficient step that keeps every SLO; if none can, the most
-            feasible = SLOState(batch).worst(t, e) <= 0  # efficient (the fastest way to catch up)
+        if self.slo_aware:  # the most efficient step that keeps on track every request some step
+            feasible = SLOState(batch).worst(t, e) <= 0  # can; if none does, the most efficient
             if feasible.any():
                 eff = np.where(feasible, eff, -np.inf)
         self._planned = cands[int(np.argmax(eff))]

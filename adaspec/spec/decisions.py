@@ -27,9 +27,10 @@ def compact(x):
 
 def candidate(label: str, tokens: float, time: float, violation: float | None = None, **extra) -> dict:
     """One option a policy weighed: expected emitted tokens, predicted step time (s), and the SLO
-    check of `efficiency.SLOState.worst` (<= 0: every SLO met, by that worst margin; > 0: the
-    number of requests predicted over their SLO). Kept at full precision (rounding every candidate
-    of every step costs more than the decision itself; `compact` rounds at export)."""
+    check of `efficiency.SLOState.worst`, over the requests some candidate keeps on track (<= 0:
+    all of them on track, by that worst margin; > 0: how many of them are predicted off track).
+    Kept at full precision (rounding every candidate of every step costs more than the decision
+    itself; `compact` rounds at export)."""
     tokens, time = float(tokens), float(time)
     d = {"label": label, "tokens": tokens, "time": time, "efficiency": tokens / time if time > 0 else None}
     if violation is not None:
