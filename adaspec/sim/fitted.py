@@ -32,7 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from adaspec.spec.cost_model import CostModel, ForwardTimeModel, StepShape, StepTime, _features, _nnls
+from adaspec.spec.cost_model import (
+    CostModel,
+    ForwardTimeModel,
+    StepShape,
+    StepTime,
+    forward_features,
+    nnls,
+)
 
 POOLED = "*"  # the outside-the-forwards fit over every file, for policies without their own
 PARTS = ("decode", "decode_gap", "prefill", "prefill_gap")
@@ -90,7 +97,7 @@ class Outside:
     def fit(cls, samples: list[tuple[float, float, float]]) -> Outside:
         """Least squares (absolute: the mean is what step times add up) on (rows, drafted, s)."""
         rows, drafted, y = np.asarray(samples, dtype=float).reshape(-1, 3).T
-        coef, _ = _nnls(np.stack([np.ones_like(rows), rows, drafted], axis=1), y)
+        coef, _ = nnls(np.stack([np.ones_like(rows), rows, drafted], axis=1), y)
         return cls([float(c) for c in coef])
 
 
@@ -256,7 +263,7 @@ def _design(b, t, c, knee: float) -> np.ndarray:
     """`PathForward`'s features per forward: the profile's six, then the three path indicators."""
     wide = (t > 1).astype(float)
     masked = np.maximum(wide, (b > 1).astype(float))
-    return np.stack([*_features(b, t, c, knee), masked, wide, wide * b], axis=1)
+    return np.stack([*forward_features(b, t, c, knee), masked, wide, wide * b], axis=1)
 
 
 def fit_forwards(samples: list[tuple[list[tuple[float, float, float]], float]], what: str,
@@ -278,7 +285,7 @@ def fit_forwards(samples: list[tuple[list[tuple[float, float, float]], float]], 
         np.add.at(x, idx, _design(b, t, c, knee)[:, :k])
         q, r = np.linalg.qr(x)  # the same least-squares solutions from k rows instead of thousands
         qy = q.T @ y
-        coef, err = _nnls(r, qy)
+        coef, err = nnls(r, qy)
         err += float(y @ y - qy @ qy)  # the part of the error no coefficient can reach
         if best is None or err < best[0] - 1e-12:
             best = (err, coef, knee)

@@ -29,6 +29,7 @@ from adaspec.spec.decisions import candidate
 from adaspec.spec.efficiency import (
     SLOState,
     continuation_grid,
+    full_draft_tokens,
     next_token_options,
     pick,
     pick_small,
@@ -110,14 +111,8 @@ class AdaSpecPolicy(ControlledPolicy):
         if self.slo_aware and self._slo.active:
             plain = self.costs.predict(StepShape([r.context_len for r in reqs], [r.draft_lag for r in reqs],
                                                  [0] * n, [0] * n)).total
-            best = []
-            for i, r in enumerate(reqs):
-                p, total = 1.0, 1.0
-                for a in self._unseen[i][:r.max_draft]:
-                    p *= a
-                    total += p
-                best.append(total)
-            self._slo.mark_behind(plain, best)
+            futures = [u[:r.max_draft] for u, r in zip(self._unseen, reqs, strict=True)]
+            self._slo.mark_behind(plain, full_draft_tokens(futures))
         T, E, V, order = continuation_grid(
             self.costs, self._slo, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [self._unseen[i][:reqs[i].max_draft] for i in cont],

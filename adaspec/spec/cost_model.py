@@ -17,6 +17,7 @@ from a JSON profile and ask it the same questions.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 from collections import deque
@@ -28,7 +29,7 @@ import numpy as np
 FEATURES = ("const", "rows", "tokens", "tokens_over_knee", "rows_x_context", "tokens_x_context")
 
 
-def _features(batch, tokens_per_seq, context, knee: float):
+def forward_features(batch, tokens_per_seq, context, knee: float):
     b = np.asarray(batch, dtype=float)
     n = b * np.asarray(tokens_per_seq, dtype=float)
     ctx = np.asarray(context, dtype=float)
@@ -36,7 +37,7 @@ def _features(batch, tokens_per_seq, context, knee: float):
     return [np.ones_like(n), b, n, over, b * ctx, n * ctx]
 
 
-def _nnls(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+def nnls(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     """Exact non-negative least squares for a handful of features: the best subset whose
     unconstrained solution is non-negative (2^6 small solves, simpler than an active-set loop)."""
     best, best_err = np.zeros(x.shape[1]), float(np.sum(y * y))
@@ -69,7 +70,7 @@ class ForwardTimeModel:
             n = batch * tokens_per_seq
             over = max(n - self.knee, 0.0) if self.knee > 0 else 0.0
             return float(c0 + c1 * batch + c2 * n + c3 * over + (c4 * batch + c5 * n) * context)
-        f = _features(batch, tokens_per_seq, context, self.knee)
+        f = forward_features(batch, tokens_per_seq, context, self.knee)
         t = sum(c * v for c, v in zip(self.coef, f, strict=True))
         t = np.where(np.asarray(batch) > 0, t, 0.0)  # an empty forward does not run
         return float(t) if t.ndim == 0 else t
@@ -97,8 +98,8 @@ class ForwardTimeModel:
         knees = np.unique(n)[:-1]  # a knee at a sampled size; at most ~24 tried
         knees = np.unique(np.quantile(knees, np.linspace(0, 1, 24))) if len(knees) > 24 else knees
         for knee in [0.0, *knees]:
-            x = np.stack(_features(b, tps, ctx, knee), axis=1) * w[:, None]
-            coef, err = _nnls(x, y * w)
+            x = np.stack(forward_features(b, tps, ctx, knee), axis=1) * w[:, None]
+            coef, err = nnls(x, y * w)
             if best is None or err < best[0] - 1e-12:
                 best = (err, coef, knee)
         _, coef, knee = best
@@ -176,6 +177,7 @@ class _WidthScale:
     keep a policy away from a width for good, since only steps of that width would correct it."""
 
     BUCKETS = (1, 2, 4, 7)  # lower edges: widths 1 | 2-3 | 4-6 | 7+
+    EDGES = tuple(b - 0.5 for b in BUCKETS[1:])  # a mean width (unpadded engines) rounds to a bucket
     MIN_RATIOS = 3
 
     def __init__(self, window: int):
@@ -193,9 +195,9 @@ class _WidthScale:
     def value(self, v: float) -> None:
         self.shared.value = v
 
-    @staticmethod
-    def _bucket(width: float) -> int:  # BUCKETS, rounding a mean width (unpadded engines)
-        return 0 if width < 1.5 else 1 if width < 3.5 else 2 if width < 6.5 else 3
+    @classmethod
+    def _bucket(cls, width: float) -> int:
+        return bisect.bisect_right(cls.EDGES, width)
 
     def update(self, measured: float, predicted: float, width: float) -> None:
         self.steps += 1
@@ -213,8 +215,7 @@ class _WidthScale:
 
     def grid(self, width) -> np.ndarray:
         """`at` elementwise over an array of widths."""
-        w = np.asarray(width, dtype=float)
-        idx = sum((w >= edge - 0.5).astype(int) for edge in self.BUCKETS[1:])
+        idx = np.searchsorted(self.EDGES, np.asarray(width, dtype=float), side="right")
         return np.array([self.at(edge) for edge in self.BUCKETS])[idx]
 
     def report(self) -> dict:

@@ -52,8 +52,8 @@ class SLOState:
         self._wait_rank = [k for k, w in enumerate(queue) if w.ttft_slo]
         self._waited = [w.waited for w in queue if w.ttft_slo]
         self._ttft = [w.ttft_slo for w in queue if w.ttft_slo]
-        self.active = any(r.tpot_slo for r in reqs) or bool(self._ttft)
         self.population = sum(1 for r in reqs if r.tpot_slo) + len(self._ttft)  # requests with an SLO
+        self.active = self.population > 0
         self.behind = [False] * len(reqs)  # see mark_behind
         self._arrays = None  # numpy copies for `worst`, made on first use (small batches never need them)
 
@@ -184,6 +184,13 @@ def _gains_small(prefixes: list[float], futures: list[list[float]], horizon: int
             row.append(total)
         out.append(row)
     return out
+
+
+def full_draft_tokens(futures: list[list[float]]) -> list[float]:
+    """Expected tokens of a step in which each request drafts all of futures[i] (its look-ahead
+    conditional acceptances): 1 + the sum of their running products."""
+    rows = _gains_small([1.0] * len(futures), futures, max(map(len, futures), default=0))
+    return [1 + row[-1] for row in rows]
 
 
 def _gains(prefixes: list[float], futures: list[list[float]], horizon: int) -> np.ndarray:
