@@ -1,11 +1,12 @@
 """The planner's fast paths give bit-identical values to the plain ones (so no decision depends on
 which path ran): cell-by-cell vs whole-grid continuation grids and prune sequences, table vs
-per-call look-ahead."""
+per-call look-ahead; and the SLO check sees the tokens each candidate brings each request."""
 
 import random
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from adaspec.spec import efficiency
 from adaspec.spec.acceptance import AcceptanceModel
@@ -28,7 +29,6 @@ def _random_case(rng: random.Random):
             for _ in range(B)]
     waiting = [SimpleNamespace(waited=rng.random(), ttft_slo=rng.choice([None, 1.0])) for _ in range(2)]
     slo = efficiency.SLOState(SimpleNamespace(requests=reqs, waiting=waiting))
-    slo.behind = [rng.random() < 0.3 for _ in range(B)]  # some requests rank first
     cont = sorted(rng.sample(range(B), rng.randint(1, B)))
     H = rng.randint(1, 8)
     return (cm, slo, [rng.randint(1, 3000) for _ in range(B)], [rng.randint(0, 6) for _ in range(B)],
@@ -37,29 +37,31 @@ def _random_case(rng: random.Random):
             [rng.randint(1, 9) for _ in cont], rng.random() * 1e-3)
 
 
+def _same(a, b):
+    """Two evaluator results agree: arrays exactly, order exactly, tokens_of on every candidate."""
+    (ta, ea, oa, fa), (tb, eb, ob, fb) = a, b
+    assert np.array_equal(ta, tb) and np.array_equal(ea, eb) and oa == ob
+    assert all(fa(i) == fb(i) for i in range(np.size(ta)))
+
+
 def test_grid_paths_identical(monkeypatch):
     rng = random.Random(0)
     for _ in range(200):
-        case = _random_case(rng)
+        cm, slo, *case = _random_case(rng)
         monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
-        grid = efficiency.continuation_grid(*case)
+        grid = efficiency.continuation_grid(cm, *case)
         monkeypatch.setattr(efficiency, "SMALL_GRID", 10**9)
-        for small_slo in (0, 10**9):  # SLO checks in numpy, then in plain Python
-            monkeypatch.setattr(efficiency, "SMALL_SLO", small_slo)
-            cells = efficiency.continuation_grid(*case)
-            assert cells[3] == grid[3]
-            for a, b in zip(cells[:3], grid[:3], strict=True):
-                assert np.array_equal(a, b)
-        cm, slo, contexts, drafted = case[:4]
+        _same(efficiency.continuation_grid(cm, *case), grid)
+        contexts, drafted = case[:2]
         if any(drafted):
             probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
             monkeypatch.setattr(efficiency, "SMALL_GRID", 10**9)
-            cells = efficiency.prune_sequence(cm, slo, contexts, drafted, probs, 1e-4)
+            cells = efficiency.prune_sequence(cm, contexts, drafted, probs, 1e-4)
             monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
-            grid = efficiency.prune_sequence(cm, slo, contexts, drafted, probs, 1e-4)
-            assert cells[3] == grid[3]
-            for a, b in zip(cells[:3], grid[:3], strict=True):
-                assert np.array_equal(a, b)
+            _same(cells, efficiency.prune_sequence(cm, contexts, drafted, probs, 1e-4))
+            T, E, who, tokens_of = cells
+            for r in range(len(who) + 1):  # a request's tokens fall by what it loses, in total by E
+                assert sum(tokens_of(r)) == pytest.approx(E[r])
 
 
 def test_next_token_options_match_the_grid(monkeypatch):
@@ -69,32 +71,27 @@ def test_next_token_options_match_the_grid(monkeypatch):
         cm, slo, contexts, drafted, base, prefix, cont, future, _, sunk = _random_case(rng)
         nxt = [f[0] for f in future]
         monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
-        T, E, V, order = efficiency.continuation_grid(cm, slo, contexts, drafted, base, prefix, cont,
-                                                      [[a] for a in nxt], [1] * len(cont), sunk)
-        for small_slo in (0, 10**9):  # SLO checks in numpy, then in plain Python
-            monkeypatch.setattr(efficiency, "SMALL_SLO", small_slo)
-            t, e, v, o = efficiency.next_token_options(cm, slo, contexts, drafted, base, prefix, cont, nxt,
-                                                       sunk)
-            assert o == order and t == T[1].tolist() and e == E[1].tolist() and v == V[1].tolist()
+        T, E, order, cells = efficiency.continuation_grid(cm, contexts, drafted, base, prefix, cont,
+                                                          [[a] for a in nxt], [1] * len(cont), sunk)
+        t, e, o, tokens_of = efficiency.next_token_options(cm, contexts, drafted, base, prefix, cont, nxt,
+                                                           sunk)
+        assert o == order and t == T[1].tolist() and e == E[1].tolist()
+        M = len(cont)
+        assert all(tokens_of(m) == cells(M + 1 + m) for m in range(M + 1))
+        assert all(sum(tokens_of(m)) == pytest.approx(e[m]) for m in range(M + 1))
         aware = rng.random() < 0.5
-        monkeypatch.setattr(efficiency, "SMALL_PICK", 0)  # numpy's argmax
-        assert efficiency.pick_small(t, e, v, aware) == efficiency.pick(T[1], E[1], V[1], aware)
+        assert efficiency.choose(t, e, tokens_of, slo, aware) == efficiency.choose(T[1], E[1], tokens_of, slo,
+                                                                                   aware)
 
 
-def test_small_pick_matches_numpy(monkeypatch):
-    rng = random.Random(2)
-    for _ in range(300):
+def test_slo_checks_in_numpy_match_plain_python():
+    rng = random.Random(4)
+    for _ in range(200):
+        cm, slo, contexts, *_ = _random_case(rng)
         n = rng.randint(1, 12)
-        t = np.array([rng.choice([0.0, rng.random()]) for _ in range(n)])
-        e = np.array([rng.choice([1.0, 1 + rng.random()]) for _ in range(n)])
-        v = np.array([rng.choice([-0.5, 0.0, rng.uniform(-1, 1), float(rng.randint(1, 5))])
-                      for _ in range(n)])
-        pop = rng.randint(1, 20)
-        for aware in (True, False):
-            monkeypatch.setattr(efficiency, "SMALL_PICK", 0)
-            slow = int(efficiency.pick(t, e, v, aware, pop))
-            monkeypatch.setattr(efficiency, "SMALL_PICK", 64)
-            assert efficiency.pick(t, e, v, aware, pop) == slow
+        t = [rng.choice([1e-3, rng.random() * 0.1]) for _ in range(n)]
+        e = [[rng.choice([1.0, 1 + 4 * rng.random()]) for _ in contexts] for _ in range(n)]
+        assert slo.worst(np.array(t), np.array(e)).tolist() == slo.worst_cells(t, e)
 
 
 def test_unseen_table_matches_predict_unseen():

@@ -14,25 +14,23 @@ Per step (see `efficiency.py` for the model and the choice rule):
   token (the sunk draft time counts): each request stops on its own (ragged lengths), and the batch
   stops when no request's next token is worth its cost.
 - prune (verifier): drop the globally least valuable draft positions, tails first, to the removal
-  count with the best predicted efficiency (within SLO), against the device's cost curve.
+  count with the best predicted efficiency, against the device's cost curve.
+Each of the three choices goes through `efficiency.choose` (the SLO-aware rule).
 Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from adaspec.spec.acceptance import AcceptanceModel
 from adaspec.spec.control import ControlledPolicy
-from adaspec.spec.cost_model import CostModel, StepShape
+from adaspec.spec.cost_model import CostModel
 from adaspec.spec.decisions import candidate
 from adaspec.spec.efficiency import (
+    RESCUE_LOSS,
     SLOState,
+    choose,
     continuation_grid,
-    full_draft_tokens,
     next_token_options,
-    pick,
-    pick_small,
     prune_sequence,
 )
 from adaspec.spec.policy import BatchView, fit_limits
@@ -46,9 +44,11 @@ class AdaSpecPolicy(ControlledPolicy):
     VARIANTS = {"adaspec": (True, True), "adaspec-noslo": (True, False), "adaspec-drafter": (False, False)}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
-                 slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec"):
+                 slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
+                 rescue_loss: float = RESCUE_LOSS):
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
+        self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
         self._planned: list[int] = []
         self._prefix_probs: list[list[float]] = []  # P(first j+1 drafts all accepted), per request
         self._slo: SLOState | None = None
@@ -83,14 +83,26 @@ class AdaSpecPolicy(ControlledPolicy):
     def _sunk_draft_time(self, batch: BatchView) -> float:
         return sum(self.costs.predict_draft(*f) for f in self.costs.draft_forwards(self.shape(batch)))
 
-    def _record(self, phase: str, T, E, V, choice: tuple[int, int]) -> None:
+    def _record(self, phase: str, T, E, checks: dict[int, float], choice: tuple[int, int]) -> None:
         """Log the choice and, for each depth h, the candidate with the chosen requests (all that
-        may draft, if the choice was not to speculate)."""
+        may draft, if the choice was not to speculate), with the SLO check where one was made."""
         h, m = choice
-        col = m or T.shape[1] - 1
-        cands = [candidate(f"h={d},m={col if d else 0}", E[d, col if d else 0], T[d, col if d else 0],
-                           V[d, col if d else 0], h=d, m=col if d else 0) for d in range(T.shape[0])]
-        self.log.add(phase, cands, candidate(f"h={h},m={m}", E[h, m], T[h, m], V[h, m], h=h, m=m))
+        width = T.shape[1]
+        col = m or width - 1
+
+        def cand(d: int, k: int) -> dict:
+            return candidate(f"h={d},m={k}", E[d, k], T[d, k], checks.get(d * width + k), h=d, m=k)
+
+        self.log.add(phase, [cand(d, col if d else 0) for d in range(T.shape[0])], cand(h, m))
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if self.slo_aware:
+            d["rescue_loss"] = self.rescue_loss
+        return d
+
+    def _choose(self, T, E, tokens_of) -> tuple[int, dict[int, float]]:
+        return choose(T, E, tokens_of, self._slo, self.slo_aware, self.rescue_loss)
 
     # ------------------------------------------------------------------------------ decisions
 
@@ -108,22 +120,17 @@ class AdaSpecPolicy(ControlledPolicy):
             self.log.add("plan", [], "no request may draft")
             return self._planned
         n = len(reqs)
-        if self.slo_aware and self._slo.active:
-            plain = self.costs.predict(StepShape([r.context_len for r in reqs], [r.draft_lag for r in reqs],
-                                                 [0] * n, [0] * n)).total
-            futures = [u[:r.max_draft] for u, r in zip(self._unseen, reqs, strict=True)]
-            self._slo.mark_behind(plain, full_draft_tokens(futures))
-        T, E, V, order = continuation_grid(
-            self.costs, self._slo, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
+        T, E, order, tokens_of = continuation_grid(
+            self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [self._unseen[i][:reqs[i].max_draft] for i in cont],
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0)
-        choice = pick(T.ravel(), E.ravel(), V.ravel(), self.slo_aware, self._slo.population)
-        h, m = np.unravel_index(choice, T.shape)
+        choice, checks = self._choose(T, E, tokens_of)
+        h, m = divmod(choice, T.shape[1])
         if h and m:
             for i in order[:m]:
                 self._planned[i] = reqs[i].max_draft
         self._planned = fit_limits(batch, self._planned)
-        self._record("plan", T, E, V, (int(h), int(m)))
+        self._record("plan", T, E, checks, (h, m))
         return self._planned
 
     def keep_drafting(self, batch: BatchView, active: list[bool]) -> list[bool]:
@@ -135,14 +142,15 @@ class AdaSpecPolicy(ControlledPolicy):
             return active
         reqs, pp = batch.requests, self._prefix_probs
         drafted = [len(r.confidences) for r in reqs]
-        T, E, V, order = next_token_options(
-            self.costs, self._slo, [r.context_len for r in reqs], drafted, [1 + sum(ps) for ps in pp],
+        T, E, order, tokens_of = next_token_options(
+            self.costs, [r.context_len for r in reqs], drafted, [1 + sum(ps) for ps in pp],
             [ps[-1] if ps else 1.0 for ps in pp], cont, [self._unseen[i][drafted[i]] for i in cont],
             self._sunk_draft_time(batch))
-        m = pick_small(T, E, V, self.slo_aware, self._slo.population)
+        m, checks = self._choose(T, E, tokens_of)
         keep = set(order[:m])
-        self.log.add("draft", [candidate(f"m={k}", E[k], T[k], V[k], m=k) for k in sorted({0, m, len(cont)})],
-                     candidate(f"m={m}", E[m], T[m], V[m], m=m), drafted=drafted[cont[0]])
+        self.log.add("draft", [candidate(f"m={k}", E[k], T[k], checks.get(k), m=k)
+                               for k in sorted({0, m, len(cont)})],
+                     candidate(f"m={m}", E[m], T[m], checks.get(m), m=m), drafted=drafted[cont[0]])
         return [a and i in keep for i, a in enumerate(active)]
 
     def prune(self, batch: BatchView) -> list[int]:
@@ -150,9 +158,9 @@ class AdaSpecPolicy(ControlledPolicy):
         drafted = [len(r.confidences) for r in batch.requests]
         if not self.verifier or not any(drafted):
             return drafted
-        T, E, V, removals = prune_sequence(self.costs, self._slo, [r.context_len for r in batch.requests],
-                                           drafted, self._prefix_probs, self._sunk_draft_time(batch))
-        r = int(pick(T, E, V, self.slo_aware, self._slo.population))
+        T, E, removals, tokens_of = prune_sequence(self.costs, [r.context_len for r in batch.requests],
+                                                   drafted, self._prefix_probs, self._sunk_draft_time(batch))
+        r, checks = self._choose(T, E, tokens_of)
         lengths = list(drafted)
         for i in removals[:r]:
             lengths[i] -= 1
@@ -161,6 +169,8 @@ class AdaSpecPolicy(ControlledPolicy):
         for i, req in enumerate(batch.requests):
             if drafted[i] and not lengths[i] and self.acceptance.needs_evidence(req.confidences[0]):
                 lengths[i] = 1
-        cands = [candidate(f"drop={k}", E[k], T[k], V[k], drop=k) for k in sorted({0, r, len(removals)})]
-        self.log.add("prune", cands, candidate(f"drop={r}", E[r], T[r], V[r], drop=r), lengths=lengths)
+        def cand(k: int) -> dict:
+            return candidate(f"drop={k}", E[k], T[k], checks.get(k), drop=k)
+
+        self.log.add("prune", [cand(k) for k in sorted({0, r, len(removals)})], cand(r), lengths=lengths)
         return lengths

@@ -27,8 +27,9 @@ def compact(x):
 
 def candidate(label: str, tokens: float, time: float, violation: float | None = None, **extra) -> dict:
     """One option a policy weighed: expected emitted tokens, predicted step time (s), and the SLO
-    check of `efficiency.SLOState.worst`, over the requests some candidate keeps on track (<= 0:
-    all of them on track, by that worst margin; > 0: how many of them are predicted off track).
+    check of `efficiency.SLOState.worst_cells` where one was made (only candidates that could be
+    chosen are checked), over the requests some checked candidate keeps on track (<= 0: all of
+    them on track, by that worst margin; > 0: how many of them are predicted off track).
     Kept at full precision (rounding every candidate of every step costs more than the decision
     itself; `compact` rounds at export)."""
     tokens, time = float(tokens), float(time)

@@ -2,18 +2,20 @@
 
 Expected tokens of a request = 1 + sum over its drafted positions j of P(positions 1..j all
 accepted); step time = draft forwards + one verification forward + overhead, from the cost model.
-Every evaluator returns arrays of predicted step time T, expected tokens E and worst SLO
-violation V over its candidates; `pick` chooses among them:
+Every evaluator returns arrays of predicted step time T and expected tokens E over its candidates,
+and a function giving a candidate's expected tokens per request for the SLO check; `choose` picks:
 
 - efficiency only: the highest E / T;
-- SLO-aware: the highest E / T, unless that leaves off track requests that another candidate
-  keeps on track together with every other request it can: running requests for their TPOT SLO
-  over their remaining tokens (`SLOState`), waiting ones for their TTFT when a queue exists. That
-  rescue is taken if it costs at most the share of requests it saves in efficiency (`pick`). A
-  request that no candidate keeps on track is late whatever we choose and does not count.
-  (Measured, in closed-loop overload: taking the candidate with the fewest requests over their
-  SLO, whatever it cost, slowed every step to rescue a few, and both mean TPOT and attainment
-  fell; the smallest worst violation, tried before, let one late request set the batch's speed.)
+- SLO-aware: the highest E / T, unless a candidate nearly as efficient (within RESCUE_LOSS) keeps
+  on track the requests that it leaves off: running requests for their TPOT SLO over their
+  remaining tokens (`SLOState`), waiting ones for their TTFT when a queue exists. A request that no
+  such candidate keeps on track is late whatever we choose and does not count.
+  Measured, in closed-loop overload (concurrency 16): letting a rescue of k requests cost k / B of
+  the efficiency (up to 12.5% to save 2 of 16), and drafting first for requests behind their SLO,
+  slowed every step and left attainment lower than choosing for efficiency; taking the candidate
+  with the fewest requests over their SLO, or the smallest worst violation, whatever it cost, did
+  worse still. At a fixed load the most efficient step is also the one that brings every request's
+  TPOT down the most.
 
 Ties go to the first candidate, which every evaluator makes the least speculative one.
 """
@@ -54,7 +56,6 @@ class SLOState:
         self._ttft = [w.ttft_slo for w in queue if w.ttft_slo]
         self.population = sum(1 for r in reqs if r.tpot_slo) + len(self._ttft)  # requests with an SLO
         self.active = self.population > 0
-        self.behind = [False] * len(reqs)  # see mark_behind
         self._arrays = None  # numpy copies for `worst`, made on first use (small batches never need them)
 
     @staticmethod
@@ -66,15 +67,6 @@ class SLOState:
             return slo
         return (slo * (done + remaining) - spent) / remaining
 
-    def mark_behind(self, t_plain: float, best_tokens: list[float]) -> None:
-        """Flag the requests that a plain step (time t_plain, one token each) leaves off track but
-        that their best speculation (best_tokens[i] expected tokens in a step of that time) could
-        keep on track. They draft first: ranking by token value alone leaves a request that is
-        both late and hard to predict out of every candidate, until it is too late to save
-        (measured: requests starved of drafts for 2 s at concurrency 16, P99 TPOT twice the mean)."""
-        self.behind = [0 < r < t_plain and t_plain / max(e, 1e-9) <= r
-                       for r, e in zip(self._rate, best_tokens, strict=True)]
-
     def _np(self):
         if self._arrays is None:
             f = lambda v: np.array(v, dtype=float)  # noqa: E731
@@ -82,7 +74,7 @@ class SLOState:
                             f(self._waited), f(self._ttft))
         return self._arrays
 
-    def _over_cell(self, t: float, e: list[float]) -> list[float]:
+    def excess(self, t: float, e: list[float]) -> list[float]:
         """Per request (running, then waiting with a TTFT SLO): relative excess over its SLO if one
         candidate step of time t emits e[i] tokens for request i (<= 0: on track)."""
         inf = math.inf
@@ -99,7 +91,7 @@ class SLOState:
         values): cheaper than numpy for the few candidates of a small batch."""
         if not self.active:
             return [-1.0] * len(t)
-        over = [self._over_cell(ti, ei) for ti, ei in zip(t, e, strict=True)]
+        over = [self.excess(ti, ei) for ti, ei in zip(t, e, strict=True)]
         savable = [any(o[j] <= 0 for o in over) for j in range(len(over[0]))] if over else []
         out = []
         for o in over:
@@ -135,42 +127,40 @@ class SLOState:
         return np.where(v > 0, (over > 0).sum(-1).astype(float), v)
 
 
-def pick(t: np.ndarray, e: np.ndarray, v: np.ndarray, slo_aware: bool, population: int = 1) -> int:
-    """Index of the chosen candidate (1-D arrays of step times, expected tokens, SLO checks).
+RESCUE_LOSS = 0.05  # efficiency a step may give up to keep more requests on track for their SLO
+SMALL_SLO = 96  # candidate x request pairs up to which SLO checks run in plain Python
 
-    SLO-aware: the most efficient candidate `best`, unless it leaves k requests off track that
-    another candidate keeps on track with all the others; the most efficient such candidate is
-    chosen if it gives up at most the fraction k / population of best's efficiency. Saving k of
-    `population` requests is worth that much throughput and no more: a slower step slows every
-    request, and under overload (measured at concurrency 16) rescuing two of sixteen at a fifth of
-    the throughput left the rest later, and attainment lower, than not rescuing them."""
-    if len(t) <= SMALL_PICK:
-        return pick_small(t.tolist(), e.tolist(), v.tolist(), slo_aware, population)
-    eff = e / np.maximum(t, 1e-12)
+
+def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool,
+           rescue_loss: float = RESCUE_LOSS) -> tuple[int, dict[int, float]]:
+    """Index of the chosen candidate (t, e: step times and expected tokens, any shape, read flat;
+    tokens_of(i): candidate i's expected tokens per request), and the SLO checks made, by index.
+
+    The most efficient candidate, unless it leaves requests off track that a candidate at most
+    `rescue_loss` less efficient keeps on track (and at most k / population less, when it saves k):
+    then the most efficient such one. Only candidates within `rescue_loss` of the best can be
+    chosen, so only they are checked against the SLOs (the plan weighs ~250 at batch 32)."""
+    t = np.asarray(t, dtype=float).ravel()
+    eff = np.asarray(e, dtype=float).ravel() / np.maximum(t, 1e-12)
     best = int(np.argmax(eff))
-    if not slo_aware or v[best] <= 0:
-        return best
-    feasible = v <= 0
-    if not feasible.any():
-        return best
-    rescue = int(np.argmax(np.where(feasible, eff, -np.inf)))
-    return rescue if eff[rescue] >= (1 - v[best] / population) * eff[best] else best
-
-
-SMALL_PICK = 64  # candidates up to which `pick` runs in plain Python
-
-
-def pick_small(t: list[float], e: list[float], v: list[float], slo_aware: bool, population: int = 1) -> int:
-    """`pick` for plain lists (same comparisons, first maximum wins)."""
-    eff = [ei / max(ti, 1e-12) for ti, ei in zip(t, e, strict=False)]
-    best = max(range(len(eff)), key=eff.__getitem__)
-    if not slo_aware or v[best] <= 0:
-        return best
-    feasible = [i for i, x in enumerate(v) if x <= 0]
-    if not feasible:
-        return best
-    rescue = max(feasible, key=eff.__getitem__)
-    return rescue if eff[rescue] >= (1 - v[best] / population) * eff[best] else best
+    if not (slo_aware and slo.active):
+        return best, {}
+    margin = max(slo.excess(float(t[best]), tokens_of(best)))
+    if margin <= 0:  # every request on track: all are savable, so this is best's check (the usual case)
+        return best, {best: margin}
+    near = np.flatnonzero(eff >= (1 - rescue_loss) * eff[best]).tolist()
+    tokens = [tokens_of(i) for i in near]
+    if len(near) * len(tokens[0]) > SMALL_SLO:
+        v = slo.worst(t[near], np.array(tokens)).tolist()
+    else:
+        v = slo.worst_cells([float(t[i]) for i in near], tokens)
+    checks = dict(zip(near, v, strict=True))
+    over = checks[best]
+    if over <= 0:
+        return best, checks
+    floor = (1 - min(over / slo.population, rescue_loss)) * eff[best]
+    rescues = [i for i in near if checks[i] <= 0 and eff[i] >= floor]
+    return (max(rescues, key=eff.__getitem__) if rescues else best), checks
 
 
 def _gains_small(prefixes: list[float], futures: list[list[float]], horizon: int) -> list[list[float]]:
@@ -184,13 +174,6 @@ def _gains_small(prefixes: list[float], futures: list[list[float]], horizon: int
             row.append(total)
         out.append(row)
     return out
-
-
-def full_draft_tokens(futures: list[list[float]]) -> list[float]:
-    """Expected tokens of a step in which each request drafts all of futures[i] (its look-ahead
-    conditional acceptances): 1 + the sum of their running products."""
-    rows = _gains_small([1.0] * len(futures), futures, max(map(len, futures), default=0))
-    return [1 + row[-1] for row in rows]
 
 
 def _gains(prefixes: list[float], futures: list[list[float]], horizon: int) -> np.ndarray:
@@ -215,89 +198,62 @@ def _running(first, values: np.ndarray, op) -> np.ndarray:
 SMALL_GRID = 24  # cells (M x H) up to which plain Python beats numpy's per-call cost
 
 
-def continuation_grid(cm: CostModel, slo: SLOState, contexts: list[int], drafted: list[int],
-                      base_tokens: list[float], prefix: list[float], cont: list[int],
-                      future: list[list[float]], first_width: list[int], sunk: float):
+def continuation_grid(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
+                      prefix: list[float], cont: list[int], future: list[list[float]],
+                      first_width: list[int], sunk: float):
     """Evaluate "the top m requests of `cont` draft up to h more tokens" for every h and m.
 
     Per request (all B): contexts, drafted so far, base_tokens (expected tokens from its drafts),
     prefix (P(all its drafts accepted)). Per continuing request cont[k]: future[k], look-ahead
     conditional acceptances of the tokens it may still draft (its length is the horizon), and
     first_width[k], its tokens in the next draft forward (its lag at plan time, else 1). sunk: draft
-    time already spent. Requests join in order of the value of their next token, those flagged
-    `SLOState.behind` first.
+    time already spent. Requests join in order of the value of their next token.
 
     Small grids (every draft step at small batches) run cell by cell in plain Python, large ones as
     whole-grid numpy; both accumulate every sum in the same order, so they give identical values.
-    Returns (T, E, V, order): arrays [H+1, M+1], row h=0 and column m=0 meaning "stop now"."""
+    Returns (T, E, order, tokens_of): arrays [H+1, M+1] (row h=0 and column m=0 meaning "stop
+    now"), the ranked requests, and tokens_of(flat cell index) for the SLO check."""
     M, H = len(cont), max(len(f) for f in future)
-    rank = sorted(range(M), key=lambda k: (not slo.behind[cont[k]], -prefix[cont[k]] * future[k][0]))
+    rank = sorted(range(M), key=lambda k: -prefix[cont[k]] * future[k][0])
     order = [cont[k] for k in rank]
+    horizons, widths = [len(future[k]) for k in rank], [first_width[k] for k in rank]
     if M * H <= SMALL_GRID:
         gains = _gains_small([prefix[cont[k]] for k in rank], [future[k] for k in rank], H)  # [M][H+1]
-        T, E = _cell_times(cm, contexts, drafted, base_tokens, order, gains,
-                           [len(future[k]) for k in rank], [first_width[k] for k in rank], sunk)
-        if not slo.active:
-            V = [[-1.0] * (M + 1) for _ in range(H + 1)]
-        elif (M + 1) * (H + 1) * len(contexts) > SMALL_SLO:
-            V = _grid_violations(slo, np.array(T), base_tokens, order, np.array(gains).T)
-        else:
-            ts, es = [], []
-            for h in range(H + 1):
-                for m in range(M + 1):
-                    e = list(base_tokens)
-                    for r, i in enumerate(order[:m]):
-                        e[i] += gains[r][h]
-                    ts.append(T[h][m])
-                    es.append(e)
-            flat = slo.worst_cells(ts, es)
-            V = [flat[h * (M + 1):(h + 1) * (M + 1)] for h in range(H + 1)]
-        return np.array(T), np.array(E), np.array(V), order
-    gain = _gains([prefix[cont[k]] for k in rank], [future[k] for k in rank], H)  # [H+1, M]
-    T, E = _grid_times(cm, contexts, drafted, base_tokens, order, gain,
-                       [len(future[k]) for k in rank], [first_width[k] for k in rank], sunk)
-    if not slo.active:
-        return T, E, np.full(T.shape, -1.0), order
-    return T, E, _grid_violations(slo, T, base_tokens, order, gain), order
+        T, E = _cell_times(cm, contexts, drafted, base_tokens, order, gains, horizons, widths, sunk)
+        T, E = np.array(T), np.array(E)
+    else:
+        gain = _gains([prefix[cont[k]] for k in rank], [future[k] for k in rank], H)  # [H+1, M]
+        T, E = _grid_times(cm, contexts, drafted, base_tokens, order, gain, horizons, widths, sunk)
+        gains = gain.T.tolist()
+
+    def tokens_of(cell: int) -> list[float]:
+        h, m = divmod(cell, M + 1)
+        e = list(base_tokens)
+        for r, i in enumerate(order[:m]):
+            e[i] += gains[r][h]
+        return e
+
+    return T, E, order, tokens_of
 
 
-def next_token_options(cm: CostModel, slo: SLOState, contexts: list[int], drafted: list[int],
-                       base_tokens: list[float], prefix: list[float], cont: list[int],
-                       next_acc: list[float], sunk: float):
+def next_token_options(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
+                       prefix: list[float], cont: list[int], next_acc: list[float], sunk: float):
     """`continuation_grid`'s h=1 row, as plain lists over m = 0..M: "the top m requests of `cont`
     draft one more token" (the drafter's question after every draft forward, so kept lean; same
     values as the grid). next_acc[k]: look-ahead acceptance of cont[k]'s next token."""
     M = len(cont)
-    rank = sorted(range(M), key=lambda k: (not slo.behind[cont[k]], -prefix[cont[k]] * next_acc[k]))
+    rank = sorted(range(M), key=lambda k: -prefix[cont[k]] * next_acc[k])
     order = [cont[k] for k in rank]
     gains = [[0.0, prefix[cont[k]] * next_acc[k]] for k in rank]
     T, E = _cell_times(cm, contexts, drafted, base_tokens, order, gains, [1] * M, [1] * M, sunk)
-    T, E = T[1], E[1]
-    if not slo.active:
-        return T, E, [-1.0] * (M + 1), order
-    if (M + 1) * len(base_tokens) > SMALL_SLO:  # many requests: one numpy check of every m
-        e = np.tile(np.asarray(base_tokens, dtype=float), (M + 1, 1))
-        for m in range(1, M + 1):
-            e[m:, order[m - 1]] += gains[m - 1][1]
-        return T, E, slo.worst(np.array(T), e).tolist(), order
-    e, es = list(base_tokens), [list(base_tokens)]
-    for m in range(1, M + 1):
-        e[order[m - 1]] += gains[m - 1][1]
-        es.append(list(e))
-    return T, E, slo.worst_cells(T, es), order
 
+    def tokens_of(m: int) -> list[float]:
+        e = list(base_tokens)
+        for r, i in enumerate(order[:m]):
+            e[i] += gains[r][1]
+        return e
 
-SMALL_SLO = 96  # candidate x request pairs up to which SLO checks run in plain Python
-
-
-def _grid_violations(slo: SLOState, T: np.ndarray, base_tokens: list[float], order: list[int],
-                     gain: np.ndarray) -> np.ndarray:
-    """Worst SLO violation of every (h, m) cell: the top m ranked requests gain gain[h, rank]."""
-    (H1, M1), B, M = T.shape, len(base_tokens), len(order)
-    e = np.broadcast_to(np.asarray(base_tokens, dtype=float), (H1, M1, B)).copy()
-    top = np.arange(M)[None, :] < np.arange(M1)[:, None]  # [M+1, M]: rank r among the top m
-    e[:, :, order] += gain[:, None, :] * top[None, :, :]
-    return slo.worst(T, e)
+    return T[1], E[1], order, tokens_of
 
 
 def _grid_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
@@ -383,41 +339,33 @@ def _draft_times(cm: CostModel, horizon: np.ndarray, width: np.ndarray, ends: np
     return draft
 
 
-def prune_sequence(cm: CostModel, slo: SLOState, contexts: list[int], drafted: list[int],
-                   prefix_probs: list[list[float]], sunk: float):
+def prune_sequence(cm: CostModel, contexts: list[int], drafted: list[int], prefix_probs: list[list[float]],
+                   sunk: float):
     """Evaluate dropping the r globally least valuable draft positions, r = 0..N.
 
     A position's value is P(it and every position before it are accepted), which never grows along
     a request, so removing in ascending value (ties: later position first) always cuts tails.
-    Returns (T, E, V, removals): arrays [N+1], and removals[r] = request whose tail is cut r-th."""
+    Returns (T, E, removals, tokens_of): arrays [N+1], removals[r] = request whose tail is cut
+    r-th, and tokens_of(r) for the SLO check."""
     B = len(contexts)
     removals = sorted((p, -j, i) for i, ps in enumerate(prefix_probs) for j, p in enumerate(ps))
     who = [i for _, _, i in removals]
     tokens = B + sum(sum(ps) for ps in prefix_probs)
+    overhead = cm.predict_overhead(B, sum(drafted))
     if len(who) * B <= SMALL_GRID:  # a few positions: plain Python, same arithmetic
-        overhead = cm.predict_overhead(B, sum(drafted))
-        T = [sunk + v + overhead for v in _prune_verify_cells(cm, contexts, drafted, who)]
-        E, lost = [tokens], [0.0] * B
-        for p, _, _ in removals:
-            E.append(E[-1] - p)
-        V = [-1.0] * len(T)
-        if slo.active:
-            sums = [1 + sum(ps) for ps in prefix_probs]
-            es = [[s - x for s, x in zip(sums, lost, strict=False)]]
-            for p, _, i in removals:
-                lost[i] += p
-                es.append([s - x for s, x in zip(sums, lost, strict=False)])
-            V = slo.worst_cells(T, es)
-        return np.array(T), np.array(E), np.array(V), who
-    T = sunk + _prune_verify_grid(cm, contexts, drafted, who) + cm.predict_overhead(B, sum(drafted))
+        T = np.array([sunk + v + overhead for v in _prune_verify_cells(cm, contexts, drafted, who)])
+    else:
+        T = sunk + _prune_verify_grid(cm, contexts, drafted, who) + overhead
     E = np.subtract.accumulate(np.array([tokens] + [p for p, _, _ in removals]))  # in removal order
-    if not slo.active:
-        return T, E, np.full(len(T), -1.0), who
-    lost_tokens = np.zeros((len(removals) + 1, B))  # row r: expected tokens each request lost so far
-    for r, (p, _, i) in enumerate(removals, start=1):
-        lost_tokens[r, i] = p
-    e = 1 + np.array([sum(ps) for ps in prefix_probs]) - np.cumsum(lost_tokens, axis=0)
-    return T, E, slo.worst(T, e), who
+    sums = [1 + sum(ps) for ps in prefix_probs]
+
+    def tokens_of(r: int) -> list[float]:
+        e = list(sums)
+        for p, _, i in removals[:r]:
+            e[i] -= p
+        return e
+
+    return T, E, who, tokens_of
 
 
 def _prune_verify_grid(cm: CostModel, contexts: list[int], drafted: list[int], who: list[int]):
