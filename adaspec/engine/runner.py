@@ -1,4 +1,8 @@
-"""Model runner: turns ragged per-request token runs into padded batched forwards over the KV cache.
+"""Model runner: turns ragged per-request token runs into batched forwards over the KV cache.
+
+Rows of unequal length run packed (unless padding would be a tiny share of the grid, see
+``PACK_MIN_PADDING``): every per-token op sees only the real tokens, and only attention pads them to the
+longest row (see ``LlamaModel.forward``); docs/packed_forward.md has the measurements.
 
 The engine speaks in rows ("feed these tokens of this request starting at this position, and give me
 logits for the last n of them"); the runner owns tensors, padding, the caches and the clock.
@@ -6,12 +10,18 @@ logits for the last n of them"); the runner owns tensors, padding, the caches an
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
 import torch
 
 from adaspec.model import KVCache, LlamaModel
+
+# Pack only when more than this share of the [rows, longest row] grid is padding. Below it packing gained
+# at most 2.4%, and with one padding cell it lost 1-3% (GEMMs over 63 rows were slower than over 64 on the
+# CPU measured); from 6% on it won every time (docs/packed_forward.md).
+PACK_MIN_PADDING = 0.05
 
 
 @dataclass
@@ -26,10 +36,12 @@ class ModelRunner:
     """One model and its static KV cache (one slot per concurrently running request)."""
 
     def __init__(self, model: LlamaModel, num_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, packed: bool = True):
         self.model = model
         self.device = device
         self.cache = KVCache.allocate(model.config, num_slots, max_len, dtype, device)
+        self.packed = packed  # False: ragged rows always run padded to the longest (for comparison)
+        self.pack_min_padding = PACK_MIN_PADDING
         self.last_time = 0.0
 
     @torch.inference_mode()
@@ -39,22 +51,27 @@ class ModelRunner:
         width = max(len(r.tokens) for r in rows)
         if width == 1:  # plain decode / draft step: one token per row, no padding, no gather
             return self._run_single(rows, t0)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        pos = torch.zeros(len(rows), width, dtype=torch.long)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool)
-        pick_b, pick_t = [], []
-        for b, r in enumerate(rows):
-            n = len(r.tokens)
-            ids[b, :n] = torch.tensor(r.tokens)
-            pos[b, :n] = torch.arange(r.start, r.start + n)
-            valid[b, :n] = True
-            pick_b += [b] * r.want
-            pick_t += range(n - r.want, n)
-        slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
+        B, lengths = len(rows), [len(r.tokens) for r in rows]
+        ids, pos = [], []
+        for r, n in zip(rows, lengths, strict=True):
+            ids += r.tokens
+            ids += [0] * (width - n)
+            pos += range(r.start, r.start + n)
+            pos += [0] * (width - n)
+        padding = B * width - sum(lengths)
+        packed = self.packed and padding > self.pack_min_padding * B * width
+        # Row b's tokens start at offset[b] in the flat [tokens, hidden] the model returns.
+        offset = [0, *itertools.accumulate(lengths[:-1])] if packed else range(0, B * width, width)
+        pick = [i for r, o, n in zip(rows, offset, lengths, strict=True)
+                for i in range(o + n - r.want, o + n)]
         dev = self.device
-        hidden = self.model(ids.to(dev), pos.to(dev), cache=self.cache, slots=slots.to(dev),
-                            valid=None if bool(valid.all()) else valid.to(dev))
-        logits = self.model.compute_logits(hidden[pick_b, pick_t]) if pick_b else hidden.new_empty(0)
+        valid = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).to(dev) if padding else None
+        hidden = self.model(torch.tensor(ids, device=dev).view(B, width),
+                            torch.tensor(pos, device=dev).view(B, width),
+                            cache=self.cache, slots=torch.tensor([r.slot for r in rows], device=dev),
+                            valid=valid, packed=packed)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        logits = self.model.compute_logits(hidden[pick]) if pick else hidden.new_empty(0)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self.last_time = time.perf_counter() - t0

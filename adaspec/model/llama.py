@@ -231,9 +231,17 @@ class MLP(nn.Module):
 
 
 class _Step:
-    """Per-forward values shared by every layer."""
+    """Per-forward values shared by every layer.
 
-    __slots__ = ("cos", "sin", "causal", "mask", "w_slot", "w_pos", "w_sel", "read_start", "read_slots", "L")
+    Layers see tokens flat, [M, hidden]. ``grid`` is None when the M tokens are the whole [B, T] grid. When
+    they are the packed valid tokens, ``grid`` maps each grid cell to a packed token (a padding cell to some
+    real one; its query's output is dropped) and ``w_sel`` maps each packed token back to its cell:
+    attention alone needs the grid. Both are gathers (``index_select``), which on CPU cost a third of a
+    scatter into zeros.
+    """
+
+    __slots__ = ("B", "T", "grid", "cos", "sin", "causal", "mask", "w_slot", "w_pos", "w_sel", "read_start",
+                 "read_slots", "L")
 
 
 class DecoderLayer(nn.Module):
@@ -246,12 +254,12 @@ class DecoderLayer(nn.Module):
 
     def run(self, x: torch.Tensor, st: _Step, kc: torch.Tensor | None, vc: torch.Tensor | None):
         a = self.self_attn
-        B, T, _ = x.shape
+        M = x.shape[0]
         d = a.head_dim
         h = self.input_layernorm.run(x)
-        q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, T, a.n_heads, d)
-        k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, T, a.n_kv, d)
-        v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, T, a.n_kv, d)
+        q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(M, a.n_heads, d)
+        k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(M, a.n_kv, d)
+        v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(M, a.n_kv, d)
         if a.q_norm is not None:
             q = a.q_norm.run(q)
             k = a.k_norm.run(k)
@@ -259,19 +267,19 @@ class DecoderLayer(nn.Module):
         q = torch.addcmul(q * st.cos, q.roll(half, -1), st.sin)
         k = torch.addcmul(k * st.cos, k.roll(half, -1), st.sin)
 
+        B, T = st.B, st.T
         if kc is None:
             o = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
+                q.view(B, T, a.n_heads, d).transpose(1, 2),
+                k.view(B, T, a.n_kv, d).transpose(1, 2),
+                v.view(B, T, a.n_kv, d).transpose(1, 2),
                 is_causal=st.causal,
                 scale=a.scale,
                 enable_gqa=a.gqa,
-            )
+            ).transpose(1, 2)
         else:
-            kw = k.reshape(B * T, a.n_kv, d)
-            vw = v.reshape(B * T, a.n_kv, d)
-            if st.w_sel is not None:
+            kw, vw = k, v
+            if st.w_sel is not None and st.grid is None:  # x is the padded grid: write its valid cells only
                 kw = kw.index_select(0, st.w_sel)
                 vw = vw.index_select(0, st.w_sel)
             kc[st.w_slot, :, st.w_pos] = kw
@@ -283,10 +291,16 @@ class DecoderLayer(nn.Module):
             else:
                 kr = kc[:, :, :L].index_select(0, st.read_slots)
                 vr = vc[:, :, :L].index_select(0, st.read_slots)
+            if st.grid is not None:
+                q = q.index_select(0, st.grid)
             o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), kr, vr, attn_mask=st.mask, scale=a.scale, enable_gqa=a.gqa
-            )
-        o = F.linear(o.transpose(1, 2).reshape(B, T, a.n_heads * d), a.o_proj.weight, a.o_proj.bias)
+                q.view(B, T, a.n_heads, d).transpose(1, 2), kr, vr, attn_mask=st.mask, scale=a.scale,
+                enable_gqa=a.gqa,
+            ).transpose(1, 2)
+        o = o.reshape(B * T, a.n_heads * d)
+        if st.grid is not None:
+            o = o.index_select(0, st.w_sel)
+        o = F.linear(o, a.o_proj.weight, a.o_proj.bias)
         x = x + o
 
         m = self.mlp
@@ -353,32 +367,44 @@ class LlamaModel(nn.Module):
         cache: KVCache | None = None,
         slots: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        packed: bool = False,
     ) -> torch.Tensor:
         """Return final-norm hidden states [B, T, hidden].
 
         Without a cache each row attends causally over its own T tokens (by index; ``valid`` is ignored).
         With a cache, valid tokens are first written to ``cache[slots[b], :, positions[b, t]]`` and each query
         then attends to cache entries ``j <= positions[b, t]`` of its row's slot.
+
+        ``packed`` (cache only) returns [N, hidden] for the N >= 1 valid tokens in row-major order instead,
+        and runs every per-token op (embedding, norms, projections, RoPE, MLP) on those N only, so ragged rows
+        cost padding in attention alone, which still uses the [B, T] grid and its mask.
         """
         B, T = input_ids.shape
         st = _Step()
-        st.mask = None
+        st.B, st.T, st.grid, st.mask = B, T, None, None
         if cache is None:
+            if packed:
+                raise ValueError("packed=True needs a cache")
             self.ensure_rope(int(positions.max()) + 1)
             st.causal = T > 1
         else:
             self._plan_cache_step(st, positions, cache, slots, valid, B, T)
-        st.cos = F.embedding(positions, self.rope_cos).unsqueeze(2)
-        st.sin = F.embedding(positions, self.rope_sin).unsqueeze(2)
+        ids, pos = input_ids.reshape(-1), positions.reshape(-1)
+        if packed and st.w_sel is not None:
+            ids, pos = ids.index_select(0, st.w_sel), pos.index_select(0, st.w_sel)
+            st.grid = (valid.reshape(-1).cumsum(0) - 1).clamp_(min=0)
+        st.cos = F.embedding(pos, self.rope_cos).unsqueeze(1)
+        st.sin = F.embedding(pos, self.rope_sin).unsqueeze(1)
 
-        x = F.embedding(input_ids, self.model.embed_tokens.weight)
+        x = F.embedding(ids, self.model.embed_tokens.weight)
         if cache is None:
             for layer in self.model.layers:
                 x = layer.run(x, st, None, None)
         else:
             for layer, kc, vc in zip(self.model.layers, cache.k, cache.v, strict=True):
                 x = layer.run(x, st, kc, vc)
-        return self.model.norm.run(x)
+        x = self.model.norm.run(x)
+        return x if packed else x.view(B, T, -1)
 
     def _plan_cache_step(
         self,

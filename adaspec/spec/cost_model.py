@@ -225,9 +225,11 @@ class _WidthScale:
 class CostModel:
     """Predicts draft, verification and per-step overhead times; corrected online.
 
-    `padded`: our runner pads a batch to its longest row and attends over the longest context, so
-    a forward costs (batch, max tokens, max context). An engine that packs tokens (vLLM) costs by
-    the mean instead; set padded=False for it."""
+    `padded`: a runner that pads a batch to its longest row and attends over the longest context
+    costs (batch, max tokens, max context). One that packs tokens (ours by default, vLLM) costs
+    closer to the mean: padded=False. Ours still pads attention to the longest row, which the mean
+    underprices (docs/packed_forward.md: at batch 16, 0.22 ms per token over all rows plus 1.3 ms
+    per token of the longest; the online per-width correction takes up part of the difference)."""
 
     def __init__(self, draft: ForwardTimeModel, verify: ForwardTimeModel, overhead_per_row: float = 0.0,
                  padded: bool = True, meta: dict | None = None, window: int = 20):

@@ -158,5 +158,8 @@ def profile_engine(engine, names: tuple[str, str] = ("target", "draft"), reprofi
     """Profile (or load) the cost model of an engine's model pair, before it serves anything."""
     if engine.draft is None:
         raise ValueError("profiling step times needs a draft model")
-    return load_or_profile(engine.target, engine.draft, engine.scheduler.max_num_seqs, engine.K + 1,
-                           engine.max_model_len, names, reprofile, budget_s)
+    cm = load_or_profile(engine.target, engine.draft, engine.scheduler.max_num_seqs, engine.K + 1,
+                         engine.max_model_len, names, reprofile, budget_s)
+    # The profile times equal-length rows; how a ragged forward costs depends on the runner's layout.
+    cm.padded = not engine.target.packed
+    return cm
