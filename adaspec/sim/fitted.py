@@ -127,8 +127,8 @@ class FittedCostModel(CostModel):
     def _outside(self, part: str, rows: float, drafted: float) -> float:
         return self.outside[self.policy_key][part].predict(rows, drafted)
 
-    def predict_overhead(self, batch_size, drafted_tokens):
-        return self._outside("decode", batch_size, drafted_tokens)
+    def predict_overhead(self, batch_size, drafted_tokens, draft_forwards=0):
+        return self._outside("decode", batch_size, drafted_tokens)  # fitted per drafted token
 
     def predict(self, shape: StepShape, corrected: bool = True) -> StepTime:
         st = super().predict(shape, corrected)

@@ -245,8 +245,9 @@ class CostModel:
         self.draft_scale = _Scale(self.window)
         self.verify_scale = _WidthScale(self.window)
         self._per_request: deque[float] = deque(maxlen=max(self.window, 1))  # from plain steps
-        self._per_draft: deque[float] = deque(maxlen=max(self.window, 1))  # from speculative steps
-        self.overhead_per_request = self.overhead_per_draft = self.base_overhead_per_row
+        self._per_forward: deque[float] = deque(maxlen=max(self.window, 1))  # from speculative steps
+        self._plain_seen = False
+        self.overhead_per_request, self.overhead_per_forward = self.base_overhead_per_row, 0.0
         self._errors: deque[tuple[float, float, float]] = deque(maxlen=5000)  # (measured, ours, base)
 
     # ------------------------------------------------------------------------------ predictions
@@ -267,14 +268,16 @@ class CostModel:
         return (_elementwise(self.verify, batch_size, tokens_per_seq, context_len)
                 * self.verify_scale.grid(tokens_per_seq))
 
-    def predict_overhead(self, batch_size, drafted_tokens):
+    def predict_overhead(self, batch_size, drafted_tokens, draft_forwards=0):
         """Engine work outside the forwards: per request (sampling, detokenising, bookkeeping; the
-        profile's per-row figure until measured) and per drafted token (the drafting loop and the
-        policy's draft-by-draft decisions). Measured apart because they differ: at batch 16, plain
-        steps spent 2.7 ms outside the forwards, static:3 steps with 48 drafts the same; one rate
-        per row learned from speculative steps priced a plain step at a third of that, and one
-        learned from plain steps priced speculation's overhead at four times its real cost."""
-        return self.overhead_per_request * (1 + batch_size) + self.overhead_per_draft * drafted_tokens
+        profile's per-row figure until measured) and per draft forward (the drafting loop's work
+        and the policy's decision after each draft forward). Measured at batch 16: plain steps
+        spent 2.7 ms outside the forwards, static:3 steps (48 drafts, 3 draft forwards) the same,
+        adaspec's 7-8 ms. One rate per row of (1 + batch + drafted tokens) learned from plain steps
+        priced speculation's overhead at 4x its cost; a rate per drafted token learned at batch 1
+        priced a batch-32 step's at 30 ms and locked speculation out there (session 4)."""
+        del drafted_tokens  # kept for models that price by it (the simulator's fitted one)
+        return self.overhead_per_request * (1 + batch_size) + self.overhead_per_forward * draft_forwards
 
     def _pick(self, values: list[int]) -> float:
         return max(values) if self.padded else sum(values) / len(values)
@@ -298,7 +301,8 @@ class CostModel:
         forward = self.verify_forward(shape)
         verify = self.verify.predict(*forward)
         if corrected:
-            overhead = self.predict_overhead(len(shape.contexts), sum(shape.drafted))
+            overhead = self.predict_overhead(len(shape.contexts), sum(shape.drafted),
+                                             max(shape.drafted, default=0))
         else:
             overhead = self.base_overhead_per_row * (1 + len(shape.contexts) + sum(shape.drafted))
         if corrected:
@@ -311,33 +315,32 @@ class CostModel:
         """Learn from one measured step (the prediction error is recorded first, prequentially);
         returns what was predicted for it before learning (= `predict(shape)`)."""
         base = self.predict(shape, corrected=False)
-        rows, drafted = 1 + len(shape.contexts), sum(shape.drafted)
+        rows, forwards = 1 + len(shape.contexts), max(shape.drafted, default=0)
         width = self.verify_forward(shape)[1]
         ours = StepTime(base.draft * self.draft_scale.value, base.verify * self.verify_scale.at(width),
-                        self.predict_overhead(rows - 1, drafted))  # = predict(shape), not predicted twice
+                        self.predict_overhead(rows - 1, 0, forwards))  # = predict(shape), not predicted twice
         self._errors.append((step_time, ours.total, base.total))
         if ours.draft > 0 and draft_time > 0:
             self.draft_scale.update(draft_time, base.draft)
         self.verify_scale.update(verify_time, base.verify, width)
         if self.window:
-            self._learn_overhead(rows, drafted, max(0.0, step_time - draft_time - verify_time))
+            self._learn_overhead(rows, forwards, max(0.0, step_time - draft_time - verify_time))
         return ours
 
-    def _learn_overhead(self, rows: int, drafted: int, outside: float) -> None:
-        """Per-request rate from plain steps; per-draft rate from what speculative steps spend
-        beyond it. Until a plain step is seen, speculative steps give one rate per row to both."""
-        if not drafted:
-            if not self._per_request:
-                self._per_draft.clear()  # those were per-row samples: re-learn as residuals
-            self._per_request.append(outside / rows)
-            self.overhead_per_request = _median(self._per_request)
+    def _learn_overhead(self, rows: int, forwards: int, outside: float) -> None:
+        """Per-request rate from plain steps; per-forward rate from what speculating steps spend
+        beyond it. Until a plain step is seen, speculating steps teach the per-request rate alone
+        (pricing a plain step's overhead like a speculating one's: a small bias towards drafting,
+        which the next plain step removes)."""
+        if forwards and self._plain_seen:
+            self._per_forward.append(max(0.0, outside - self.overhead_per_request * rows) / forwards)
+            self.overhead_per_forward = _median(self._per_forward)
             return
-        if self._per_request:
-            self._per_draft.append(max(0.0, outside - self.overhead_per_request * rows) / drafted)
-        else:
-            self._per_draft.append(outside / (rows + drafted))
-            self.overhead_per_request = _median(self._per_draft)
-        self.overhead_per_draft = _median(self._per_draft)
+        if not forwards and not self._plain_seen:
+            self._plain_seen = True
+            self._per_request.clear()  # those came from speculating steps
+        self._per_request.append(outside / rows)
+        self.overhead_per_request = _median(self._per_request)
 
     @property
     def observed_steps(self) -> int:
@@ -358,7 +361,7 @@ class CostModel:
                 "draft_scale": self.draft_scale.value, "verify_scale": self.verify_scale.value,
                 "verify_scale_by_width": self.verify_scale.report(),
                 "overhead_per_request_s": self.overhead_per_request,
-                "overhead_per_draft_s": self.overhead_per_draft}
+                "overhead_per_forward_s": self.overhead_per_forward}
 
     # ------------------------------------------------------------------------------ persistence
 

@@ -275,7 +275,7 @@ def _grid_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
     else:
         verify = cm.predict_verify_grid(B, new_tokens / B + 1, (sum(contexts) + new_tokens) / B)
     draft = _draft_times(cm, horizon, np.array(widths), order_ends, H)
-    return sunk + draft + verify + cm.predict_overhead(B, new_tokens), E
+    return sunk + draft + verify + cm.predict_overhead(B, new_tokens, longest), E
 
 
 def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
@@ -316,7 +316,7 @@ def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
                 verify = cm.predict_verify(B, longest[h] + 1, verify_ctx[h])
             else:
                 verify = cm.predict_verify(B, new_tokens[h] / B + 1, (sum(contexts) + new_tokens[h]) / B)
-            T[h][m] = sunk + draft + verify + cm.predict_overhead(B, new_tokens[h])
+            T[h][m] = sunk + draft + verify + cm.predict_overhead(B, new_tokens[h], longest[h])
             E[h][m] = tokens[h]
     return T, E
 
@@ -351,7 +351,7 @@ def prune_sequence(cm: CostModel, contexts: list[int], drafted: list[int], prefi
     removals = sorted((p, -j, i) for i, ps in enumerate(prefix_probs) for j, p in enumerate(ps))
     who = [i for _, _, i in removals]
     tokens = B + sum(sum(ps) for ps in prefix_probs)
-    overhead = cm.predict_overhead(B, sum(drafted))
+    overhead = cm.predict_overhead(B, sum(drafted), max(drafted))
     if len(who) * B <= SMALL_GRID:  # a few positions: plain Python, same arithmetic
         T = np.array([sunk + v + overhead for v in _prune_verify_cells(cm, contexts, drafted, who)])
     else:
