@@ -23,14 +23,6 @@ ARCHS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def make_model(arch: str, seed: int = 0) -> LlamaModel:
     """A random model, weights spread wide enough that attention and RoPE mistakes move the logits."""
     name, extra = ARCHS[arch]
