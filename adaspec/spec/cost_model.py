@@ -303,10 +303,9 @@ class CostModel:
         if corrected:
             overhead = self.predict_overhead(len(shape.contexts), sum(shape.drafted),
                                              max(shape.drafted, default=0))
+            draft, verify = draft * self.draft_scale.value, verify * self.verify_scale.at(forward[1])
         else:
             overhead = self.base_overhead_per_row * (1 + len(shape.contexts) + sum(shape.drafted))
-        if corrected:
-            draft, verify = draft * self.draft_scale.value, verify * self.verify_scale.at(forward[1])
         return StepTime(float(draft), float(verify), float(overhead))
 
     # ------------------------------------------------------------------------------ online fit
