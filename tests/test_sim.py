@@ -142,6 +142,8 @@ def test_cost_model_files_load_and_bad_input_is_named(tmp_path):
     cases = {"missing.json": None, "notjson.json": "{", "list.json": "[]", "neither.json": '{"a": 1}',
              "badcoef.json": json.dumps({**CostModel.linear(0.001, 0.01).to_dict(),
                                          "verify": {"coef": [-1, 0, 0, 0, 0, 0]}}),
+             "badslope.json": json.dumps({**CostModel.linear(0.001, 0.01).to_dict(),  # falls past its knee
+                                          "verify": {"coef": [0.01, 0, 1e-4, -2e-4, 0, 0], "knee": 8}}),
              "unknownhw.json": json.dumps({"hardware": "TPU", "target": "vicuna-7b", "draft": "vicuna-68m"}),
              "badfield.json": json.dumps({"hardware": {"name": "x", "peak_flops": 1e12, "mem_bw": -1,
                                                        "link_bw": 1e9}, "target": "vicuna-7b",

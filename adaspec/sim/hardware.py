@@ -208,10 +208,8 @@ def load_cost_model(path: str | Path) -> CostModel:
     if "verify" in d and "draft" in d and isinstance(d["verify"], dict):
         try:
             cm = CostModel.from_dict(d)
-            if len(cm.draft.coef) != 6 or len(cm.verify.coef) != 6:
-                raise ValueError("coef must have 6 values")
-            if any(not np.isfinite(c) or c < 0 for c in (*cm.draft.coef, *cm.verify.coef)):
-                raise ValueError("coefficients must be finite and >= 0")
+            cm.draft.check()
+            cm.verify.check()
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a valid measured profile ({type(exc).__name__}: {exc})") from None
         cm.window = 0

@@ -94,6 +94,7 @@ class AcceptanceModel:
         self.request_rates: dict[str, _Rate] = {}
         self.ours = CalibrationScore()
         self.raw = CalibrationScore()
+        self._memo: dict[tuple[str, float, int], float] = {}
 
     # ------------------------------------------------------------------------------ predictions
 
@@ -121,11 +122,18 @@ class AcceptanceModel:
         return min(position, self.max_position - 1)
 
     def predict(self, request_id: str, q: float, position: int) -> float:
-        """Conditional acceptance of a drafted token with draft probability q at `position` (0-based)."""
-        odds = _odds(self.calibrated(q)) * self.positions[self._pos(position)].factor(self.position_prior)
-        if request_id in self.requests:
-            odds *= self.requests[request_id].factor(self.request_prior)
-        return _prob(odds)
+        """Conditional acceptance of a drafted token with draft probability q at `position` (0-based).
+        Predictions change only when the model learns, so they are kept until then: `observe_step`
+        scores the very predictions the policy drafted with, without computing them again (at
+        batch 32 that was ~0.5 ms a step)."""
+        key = (request_id, q, position)
+        p = self._memo.get(key)
+        if p is None:
+            odds = _odds(self.calibrated(q)) * self.positions[self._pos(position)].factor(self.position_prior)
+            if request_id in self.requests:
+                odds *= self.requests[request_id].factor(self.request_prior)
+            p = self._memo[key] = _prob(odds)
+        return p
 
     def _global_rate(self, position: int) -> float:
         g = self.position_rates[self._pos(position)]
@@ -177,6 +185,7 @@ class AcceptanceModel:
         for rid, t, p, a in zip(request_ids, tested, preds, accepted, strict=True):
             self._learn(rid, t, p, int(a))
         self._curve = None
+        self._memo.clear()
 
     def _learn(self, request_id: str, tested: list[float], preds: list[float], accepted: int) -> None:
         req = self.requests.setdefault(request_id, _Ratio())
@@ -203,6 +212,7 @@ class AcceptanceModel:
     def forget_except(self, request_ids: Iterable[str]) -> None:
         """Drop history of requests no longer running (bounded memory)."""
         keep = set(request_ids)
+        self._memo.clear()
         for d in (self.requests, self.request_rates):
             for rid in [r for r in d if r not in keep]:
                 del d[rid]
