@@ -7,8 +7,8 @@ budget runs out, so a slow device still gets a profile that spans the whole rang
 
 Profiles are cached under $ADASPEC_CACHE_DIR/profiles (default ~/.cache/adaspec/profiles), keyed
 by both models (name and architecture), device, dtype, thread count, adaspec version and the
-fit's version; a cached
-profile is reused only if it covers the requested ranges. `reprofile=True` measures anew.
+fit's version; a cached profile is reused only if it covers the requested ranges. `reprofile=True`
+measures anew.
 """
 
 from __future__ import annotations
