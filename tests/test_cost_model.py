@@ -64,6 +64,32 @@ def test_step_shape_forwards_and_closed_form_time():
     assert packed.predict(shape).verify == pytest.approx(10.0 + 0.5 * (3 + 2 + 0 + 1))
 
 
+def test_layouts_price_ragged_forwards():
+    """Equal rows cost the same in every layout; ragged ones: padded prices every op at the longest
+    row and context, mean at the mean, packed the linear layers by the tokens' sum and attention
+    (queries x context) at the longest row and the longest context."""
+    coef = [1e-3, 1e-4, 2e-4, 0.0, 1e-6, 2e-7]  # const, rows, tokens, -, rows x context, tokens x context
+    models = {lay: CostModel(ForwardTimeModel(coef), ForwardTimeModel(coef), layout=lay)
+              for lay in ("padded", "packed", "mean")}
+    even = StepShape([100, 100], [1, 1], [3, 3], [3, 3])
+    times = [m.predict(even).total for m in models.values()]
+    assert times == pytest.approx([times[0]] * 3)
+    ragged = StepShape([100, 300], [1, 1], [1, 5], [1, 5])  # verify widths 2 and 6, contexts 101, 305
+    b, n, attn = 2, 2 + 6, 2 * 6
+    assert models["packed"].predict(ragged).verify == pytest.approx(
+        coef[0] + coef[1] * b + coef[2] * n + (coef[4] * b + coef[5] * attn) * 305)
+    assert models["padded"].predict(ragged).verify == pytest.approx(
+        coef[0] + coef[1] * b + coef[2] * b * 6 + (coef[4] * b + coef[5] * b * 6) * 305)
+    assert models["mean"].predict(ragged).verify == pytest.approx(
+        coef[0] + coef[1] * b + coef[2] * n + (coef[4] * b + coef[5] * n) * 203)
+    assert models["mean"].predict(ragged).verify < models["packed"].predict(ragged).verify \
+        < models["padded"].predict(ragged).verify
+    with pytest.raises(ValueError, match="layout"):
+        CostModel(ForwardTimeModel(coef), ForwardTimeModel(coef), layout="paged")
+    back = CostModel.from_dict(models["packed"].to_dict())
+    assert back.layout == "packed" and back.predict(ragged).total == models["packed"].predict(ragged).total
+
+
 def test_no_draft_costs_nothing_to_draft():
     cm = CostModel.linear(draft_step=1.0, verify_step=2.0)
     assert cm.predict(StepShape([5, 6], [4, 4], [0, 0], [0, 0])).draft == 0

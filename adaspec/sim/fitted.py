@@ -59,8 +59,8 @@ class PathForward(ForwardTimeModel):
 
     paths: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
-    def predict(self, batch, tokens_per_seq, context):
-        t = super().predict(batch, tokens_per_seq, context)
+    def predict(self, batch, tokens_per_seq, context, attn_width=None):
+        t = super().predict(batch, tokens_per_seq, context, attn_width)
         if isinstance(t, float):
             if batch <= 0:
                 return t
@@ -68,8 +68,8 @@ class PathForward(ForwardTimeModel):
             return t + self.paths[0] * (wide or batch > 1) + (self.paths[1] + self.paths[2] * batch) * wide
         return t + self._paths(batch, tokens_per_seq)
 
-    def predict_elementwise(self, batch, tokens_per_seq, context) -> np.ndarray:
-        base = super().predict_elementwise(batch, tokens_per_seq, context)
+    def predict_elementwise(self, batch, tokens_per_seq, context, attn_width=None) -> np.ndarray:
+        base = super().predict_elementwise(batch, tokens_per_seq, context, attn_width)
         return base + self._paths(batch, tokens_per_seq)
 
     def _paths(self, batch, tokens_per_seq) -> np.ndarray:

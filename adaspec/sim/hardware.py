@@ -121,7 +121,10 @@ class RooflineForward:
         self._ar_0 = 2 * m.layers * hw.allreduce_latency if tp > 1 else 0.0
         self._ar_n = 2 * m.layers * 2 * (tp - 1) / tp * m.hidden * m.dtype_bytes / hw.link_bw
 
-    def predict(self, batch, tokens_per_seq, context):
+    def predict(self, batch, tokens_per_seq, context, attn_width=None):
+        """attn_width is accepted for the cost model's interface and not used: on a GPU the
+        attention kernels (paged, flash) do each row's real tokens, not a padded grid."""
+        del attn_width
         if not isinstance(batch, np.ndarray) and not isinstance(tokens_per_seq, np.ndarray) \
                 and not isinstance(context, np.ndarray):  # scalar fast path
             if batch <= 0:

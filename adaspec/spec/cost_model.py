@@ -62,29 +62,35 @@ class ForwardTimeModel:
     coef: list[float]
     knee: float = 0.0
 
-    def predict(self, batch, tokens_per_seq, context):
-        """Works on scalars and on numpy arrays (planning evaluates many candidates at once)."""
+    def predict(self, batch, tokens_per_seq, context, attn_width=None):
+        """Works on scalars and on numpy arrays (planning evaluates many candidates at once).
+        attn_width: the query width attention runs at, when it differs from the tokens per row (a
+        packed forward pads attention alone to its longest row, see `CostModel.layout`)."""
         if not isinstance(batch, np.ndarray) and not isinstance(tokens_per_seq, np.ndarray) \
-                and not isinstance(context, np.ndarray):  # scalar fast path: no numpy overhead
-            if batch <= 0:
+                and not isinstance(context, np.ndarray) and not isinstance(attn_width, np.ndarray):
+            if batch <= 0:  # scalar fast path: no numpy overhead
                 return 0.0
             c0, c1, c2, c3, c4, c5 = self.coef
             n = batch * tokens_per_seq
             over = max(n - self.knee, 0.0) if self.knee > 0 else 0.0
-            return float(c0 + c1 * batch + c2 * n + c3 * over + (c4 * batch + c5 * n) * context)
+            attn = n if attn_width is None else batch * attn_width
+            return float(c0 + c1 * batch + c2 * n + c3 * over + (c4 * batch + c5 * attn) * context)
+        if attn_width is not None:
+            return self.predict_elementwise(batch, tokens_per_seq, context, attn_width)
         f = forward_features(batch, tokens_per_seq, context, self.knee)
         t = sum(c * v for c, v in zip(self.coef, f, strict=True))
         t = np.where(np.asarray(batch) > 0, t, 0.0)  # an empty forward does not run
         return float(t) if t.ndim == 0 else t
 
-    def predict_elementwise(self, batch, tokens_per_seq, context) -> np.ndarray:
+    def predict_elementwise(self, batch, tokens_per_seq, context, attn_width=None) -> np.ndarray:
         """`predict` over arrays with the scalar path's exact arithmetic (bit-identical results, so a
         decision does not depend on which path computed it)."""
         b = np.asarray(batch, dtype=float)
         n = b * np.asarray(tokens_per_seq, dtype=float)
         c0, c1, c2, c3, c4, c5 = self.coef
         over = np.maximum(n - self.knee, 0.0) if self.knee > 0 else 0.0
-        t = c0 + c1 * b + c2 * n + c3 * over + (c4 * b + c5 * n) * np.asarray(context, dtype=float)
+        attn = n if attn_width is None else b * np.asarray(attn_width, dtype=float)
+        t = c0 + c1 * b + c2 * n + c3 * over + (c4 * b + c5 * attn) * np.asarray(context, dtype=float)
         return np.where(b > 0, t, 0.0)
 
     @classmethod
@@ -160,13 +166,18 @@ class StepTime:
         return self.draft + self.verify + self.overhead
 
 
-def _elementwise(model, batch, tokens_per_seq, context) -> np.ndarray:
+def _elementwise(model, batch, tokens_per_seq, context, attn_width=None) -> np.ndarray:
     """model.predict over arrays, with its scalar path's values: a forward model other than ours
     (the simulator's roofline) is called once per element."""
     if type(model).predict is ForwardTimeModel.predict:
-        return model.predict_elementwise(batch, tokens_per_seq, context)
-    b, n, c = np.broadcast_arrays(batch, tokens_per_seq, context)
-    cells = zip(b.ravel().tolist(), n.ravel().tolist(), c.ravel().tolist(), strict=True)
+        return model.predict_elementwise(batch, tokens_per_seq, context, attn_width)
+    if attn_width is None:
+        b, n, c = np.broadcast_arrays(batch, tokens_per_seq, context)
+        cells = zip(b.ravel().tolist(), n.ravel().tolist(), c.ravel().tolist(), strict=True)
+    else:
+        b, n, c, a = np.broadcast_arrays(batch, tokens_per_seq, context, attn_width)
+        cells = zip(b.ravel().tolist(), n.ravel().tolist(), c.ravel().tolist(), a.ravel().tolist(),
+                    strict=True)
     t = [model.predict(*x) for x in cells]
     return np.array(t, dtype=float).reshape(b.shape)
 
@@ -247,23 +258,49 @@ class _WidthScale:
         return {f"{lo}+": round(self.at(lo), 4) for lo in self.BUCKETS}
 
 
+LAYOUTS = ("padded", "packed", "mean")
+
+
 class CostModel:
     """Predicts draft, verification and per-step overhead times; corrected online.
 
-    `padded`: a runner that pads a batch to its longest row and attends over the longest context
-    costs (batch, max tokens, max context). One that packs tokens (ours by default, vLLM) costs
-    closer to the mean: padded=False. Ours still pads attention to the longest row, which the mean
-    underprices (docs/packed_forward.md: at batch 16, 0.22 ms per token over all rows plus 1.3 ms
-    per token of the longest; the online per-width correction takes up part of the difference)."""
+    `layout`: how a forward of ragged rows (unequal tokens or contexts) costs, from the profile's
+    equal rows:
+    - "padded": every op padded to the longest row and the longest context (batch, max tokens,
+      max context);
+    - "packed" (our runner's default): the linear layers run the real tokens only (their sum),
+      attention pads queries to the longest row and reads every row's cache up to the longest
+      context (docs/packed_forward.md: at batch 16, 0.22 ms per token over all rows plus 1.3 ms
+      per token of the longest);
+    - "mean": every row costs its own tokens and context (paged attention, as in vLLM).
+    `padded=False` (the older flag) means "mean"."""
 
     def __init__(self, draft: ForwardTimeModel, verify: ForwardTimeModel, overhead_per_row: float = 0.0,
-                 padded: bool = True, meta: dict | None = None, window: int = 20):
+                 padded: bool = True, meta: dict | None = None, window: int = 20, layout: str | None = None):
         self.draft, self.verify = draft, verify
-        self.padded = padded
+        self.layout = layout or ("padded" if padded else "mean")
         self.meta = dict(meta or {})
         self.base_overhead_per_row = overhead_per_row
         self.window = window  # steps the online correction looks back over; 0 freezes the model
         self.reset()
+
+    @property
+    def layout(self) -> str:
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: str) -> None:
+        if value not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, not {value!r}")
+        self._layout = value
+
+    @property
+    def padded(self) -> bool:
+        return self._layout == "padded"
+
+    @padded.setter
+    def padded(self, value: bool) -> None:
+        self._layout = "padded" if value else "mean"
 
     def reset(self) -> None:
         """Forget online corrections (keep the profile)."""
@@ -277,20 +314,25 @@ class CostModel:
 
     # ------------------------------------------------------------------------------ predictions
 
-    def predict_draft(self, batch_size, tokens_per_seq, context_len):
-        return self.draft.predict(batch_size, tokens_per_seq, context_len) * self.draft_scale.value
+    # A forward is (batch, tokens per row, context[, attention width]): tokens per row is the mean
+    # under the packed and mean layouts, the attention width the longest row (packed only).
 
-    def predict_verify(self, batch_size, tokens_per_seq, context_len):
+    def predict_draft(self, batch_size, tokens_per_seq, context_len, attn_width=None):
+        scale = self.draft_scale.value
+        return self.draft.predict(batch_size, tokens_per_seq, context_len, attn_width) * scale
+
+    def predict_verify(self, batch_size, tokens_per_seq, context_len, attn_width=None):
         scale = self.verify_scale.at(tokens_per_seq)
-        return self.verify.predict(batch_size, tokens_per_seq, context_len) * scale
+        return self.verify.predict(batch_size, tokens_per_seq, context_len, attn_width) * scale
 
-    def predict_draft_grid(self, batch_size, tokens_per_seq, context_len) -> np.ndarray:
+    def predict_draft_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None) -> np.ndarray:
         """`predict_draft` elementwise over arrays (same values as scalar calls)."""
-        return _elementwise(self.draft, batch_size, tokens_per_seq, context_len) * self.draft_scale.value
+        return (_elementwise(self.draft, batch_size, tokens_per_seq, context_len, attn_width)
+                * self.draft_scale.value)
 
-    def predict_verify_grid(self, batch_size, tokens_per_seq, context_len) -> np.ndarray:
+    def predict_verify_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None) -> np.ndarray:
         """`predict_verify` elementwise over arrays (same values as scalar calls)."""
-        return (_elementwise(self.verify, batch_size, tokens_per_seq, context_len)
+        return (_elementwise(self.verify, batch_size, tokens_per_seq, context_len, attn_width)
                 * self.verify_scale.grid(tokens_per_seq))
 
     def predict_overhead(self, batch_size, drafted_tokens, draft_forwards=0):
@@ -305,21 +347,30 @@ class CostModel:
         return self.overhead_per_request * (1 + batch_size) + self.overhead_per_forward * draft_forwards
 
     def _pick(self, values: list[int]) -> float:
-        return max(values) if self.padded else sum(values) / len(values)
+        """A ragged list's one figure for a profile of equal rows: the longest (padded) or the mean."""
+        return max(values) if self._layout == "padded" else sum(values) / len(values)
 
-    def draft_forwards(self, shape: StepShape) -> list[tuple[int, float, float]]:
-        """(batch, tokens per row, context) of each draft forward the shape implies."""
+    def forward(self, widths: list[int], contexts: list[float]) -> tuple:
+        """How a forward of rows with these widths (tokens) and contexts is priced under the layout:
+        (batch, tokens per row, context) or, packed, (batch, mean tokens, max context, max width)."""
+        if self._layout == "padded":
+            return len(widths), max(widths), max(contexts)
+        if self._layout == "mean":
+            return len(widths), sum(widths) / len(widths), sum(contexts) / len(contexts)
+        return len(widths), sum(widths) / len(widths), max(contexts), max(widths)
+
+    def draft_forwards(self, shape: StepShape) -> list[tuple]:
+        """`forward` of each draft forward the shape implies (the first one catches up the lags)."""
         out = []
         for j in range(max(shape.drafted, default=0)):
             rows = [i for i, d in enumerate(shape.drafted) if d > j]
-            width = self._pick([shape.lags[i] for i in rows]) if j == 0 else 1
-            out.append((len(rows), width, self._pick([shape.contexts[i] for i in rows]) + j))
+            widths = [shape.lags[i] for i in rows] if j == 0 else [1] * len(rows)
+            out.append(self.forward(widths, [shape.contexts[i] + j for i in rows]))
         return out
 
-    def verify_forward(self, shape: StepShape) -> tuple[int, float, float]:
-        widths = [n + 1 for n in shape.verified]
-        return len(widths), self._pick(widths), self._pick(
-            [c + n for c, n in zip(shape.contexts, shape.verified, strict=True)])
+    def verify_forward(self, shape: StepShape) -> tuple:
+        return self.forward([n + 1 for n in shape.verified],
+                            [c + n for c, n in zip(shape.contexts, shape.verified, strict=True)])
 
     def predict(self, shape: StepShape, corrected: bool = True) -> StepTime:
         draft = sum(self.draft.predict(*f) for f in self.draft_forwards(shape))
@@ -391,12 +442,14 @@ class CostModel:
 
     def to_dict(self) -> dict:
         return {"draft": self.draft.to_dict(), "verify": self.verify.to_dict(),
-                "overhead_per_row": self.base_overhead_per_row, "padded": self.padded, "meta": self.meta}
+                "overhead_per_row": self.base_overhead_per_row, "padded": self.padded, "layout": self.layout,
+                "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict) -> CostModel:
         return cls(ForwardTimeModel.from_dict(d["draft"]), ForwardTimeModel.from_dict(d["verify"]),
-                   float(d.get("overhead_per_row", 0.0)), bool(d.get("padded", True)), d.get("meta"))
+                   float(d.get("overhead_per_row", 0.0)), bool(d.get("padded", True)), d.get("meta"),
+                   layout=d.get("layout"))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
