@@ -55,9 +55,9 @@ def test_grid_paths_identical(monkeypatch):
         contexts, drafted = case[:2]
         if any(drafted):
             probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
-            monkeypatch.setattr(efficiency, "SMALL_GRID", 10**9)
+            monkeypatch.setattr(efficiency, "SMALL_PRUNE", 10**9)
             cells = efficiency.prune_sequence(cm, contexts, drafted, probs, 1e-4)
-            monkeypatch.setattr(efficiency, "SMALL_GRID", 0)
+            monkeypatch.setattr(efficiency, "SMALL_PRUNE", -1)
             _same(cells, efficiency.prune_sequence(cm, contexts, drafted, probs, 1e-4))
             T, E, who, tokens_of = cells
             for r in range(len(who) + 1):  # a request's tokens fall by what it loses, in total by E
@@ -102,3 +102,133 @@ def test_unseen_table_matches_predict_unseen():
         n = rng.randint(0, 8)
         model.observe(rng.choice(ids[:8]), [rng.random() for _ in range(n)], rng.randint(0, n))
     assert model.unseen_table(ids, 10) == [[model.predict_unseen(r, j) for j in range(10)] for r in ids]
+
+
+def _lost_slo(rng: random.Random, B: int) -> efficiency.SLOState:
+    """Requests on track, behind, already lost (rate <= 0) or without an SLO, and a queue."""
+    reqs = [SimpleNamespace(tpot_slo=rng.choice([None, 0.02, 0.05]), since_first_token=rng.uniform(0, 30),
+                            output_tokens=rng.randint(1, 300), remaining_tokens=rng.choice([None, 1, 50]))
+            for _ in range(B)]
+    waiting = [SimpleNamespace(waited=rng.random(), ttft_slo=rng.choice([None, 0.5])) for _ in range(3)]
+    return efficiency.SLOState(SimpleNamespace(requests=reqs, waiting=waiting))
+
+
+def test_slo_checks_with_lost_requests_match():
+    rng = random.Random(5)
+    lost = 0
+    for _ in range(200):
+        B = rng.randint(1, 12)
+        slo = _lost_slo(rng, B)
+        lost += any(r <= 0 for r in slo._rate)
+        n = rng.randint(1, 12)
+        t = [rng.uniform(1e-3, 0.1) for _ in range(n)]
+        e = [[rng.choice([1.0, 1 + 4 * rng.random()]) for _ in range(B)] for _ in range(n)]
+        assert slo.worst(np.array(t), np.array(e)).tolist() == slo.worst_cells(t, e)
+    assert lost > 20
+
+
+def test_choose_in_plain_python_matches_numpy(monkeypatch):
+    """`choose` ranks a few candidates in plain Python and many with numpy: same choice, same checks
+    (ties included), on every evaluator's candidates, with and without SLO checks."""
+    rng = random.Random(6)
+    for _ in range(200):
+        cm, slo, contexts, drafted, base, prefix, cont, future, widths, sunk = _random_case(rng)
+        slo = _lost_slo(rng, len(contexts)) if rng.random() < 0.5 else slo
+        evaluations = [efficiency.continuation_grid(cm, contexts, drafted, base, prefix, cont, future, widths,
+                                                    sunk),
+                       efficiency.next_token_options(cm, contexts, drafted, base, prefix, cont,
+                                                     [f[0] for f in future], sunk)]
+        if any(drafted):
+            probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
+            evaluations.append(efficiency.prune_sequence(cm, contexts, drafted, probs, sunk))
+        for T, E, _, tokens_of in evaluations:
+            if rng.random() < 0.3:  # ties: the first of equally efficient candidates
+                T, E = np.ones(np.shape(T)), np.round(np.asarray(E), 1)
+            for aware in (False, True):
+                loss = rng.choice([efficiency.RESCUE_LOSS, 0.3])
+                monkeypatch.setattr(efficiency, "SMALL_CHOICE", 10**9)
+                plain = efficiency.choose(T, E, tokens_of, slo, aware, loss)
+                monkeypatch.setattr(efficiency, "SMALL_CHOICE", -1)
+                assert efficiency.choose(np.asarray(T), np.asarray(E), tokens_of, slo, aware, loss) == plain
+                monkeypatch.setattr(efficiency, "SMALL_SLO", 0)  # every SLO check in numpy
+                assert efficiency.choose(T, E, tokens_of, slo, aware, loss) == plain
+                monkeypatch.setattr(efficiency, "SMALL_SLO", 10**9)  # every SLO check in plain Python
+                assert efficiency.choose(T, E, tokens_of, slo, aware, loss) == plain
+                monkeypatch.undo()
+
+
+def test_candidate_token_rows_match_one_by_one():
+    """`rows` gives each candidate's tokens as `tokens_of` does, in any order, repeats included."""
+    rng = random.Random(7)
+    for _ in range(200):
+        cm, slo, contexts, drafted, base, prefix, cont, future, widths, sunk = _random_case(rng)
+        evaluations = [efficiency.continuation_grid(cm, contexts, drafted, base, prefix, cont, future, widths,
+                                                    sunk),
+                       efficiency.next_token_options(cm, contexts, drafted, base, prefix, cont,
+                                                     [f[0] for f in future], sunk)]
+        if any(drafted):
+            probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
+            evaluations.append(efficiency.prune_sequence(cm, contexts, drafted, probs, sunk))
+        for T, _, _, tokens_of in evaluations:
+            assert isinstance(tokens_of, efficiency.CandidateTokens)
+            cells = [rng.randrange(np.size(T)) for _ in range(rng.randint(1, 2 * np.size(T)))]
+            rows = tokens_of.rows(cells)
+            assert rows.tolist() == [tokens_of(c) for c in cells]
+
+
+def test_adaspec_running_values_match_recomputation():
+    """The policy keeps running sums of its prefix probabilities and each draft forward's predicted
+    time for the step: same values as summing them anew, call after call."""
+    from adaspec.spec.adaspec_policy import AdaSpecPolicy
+    from adaspec.spec.policy import BatchView, RequestView, StepOutcome
+
+    rng = random.Random(8)
+    for _ in range(20):
+        cm, *_ = _random_case(rng)
+        policy = AdaSpecPolicy(cm)
+        B = rng.randint(1, 12)
+        for step in range(8):
+            reqs = [RequestView(f"r{i}", rng.randint(10, 500), 5 + step, rng.choice([0, 3, 8]),
+                                rng.randint(1, 4), tpot_slo=rng.choice([None, 0.05])) for i in range(B)]
+            batch = BatchView(reqs, 8)
+            active = [k > 0 for k in policy.plan(batch)]
+            while any(active):
+                for r, a in zip(reqs, active, strict=True):
+                    if a:
+                        r.confidences.append(rng.random())
+                active = [a and len(r.confidences) < r.max_draft for a, r in zip(active, reqs, strict=True)]
+                keep = policy.keep_drafting(batch, list(active))
+                active = [a and k for a, k in zip(active, keep, strict=True)]
+                assert policy._prefix_sums == [sum(ps) for ps in policy._prefix_probs]
+                forwards = cm.draft_forwards(policy.shape(batch))
+                sunk = policy._sunk_draft_time(batch, [len(r.confidences) for r in reqs])
+                assert sunk == sum(cm.predict_draft(*f) for f in forwards)
+            lengths = policy.prune(batch)
+            drafted = [len(r.confidences) for r in reqs]
+            policy.observe(StepOutcome([r.request_id for r in reqs], [r.context_len for r in reqs], lengths,
+                                       [rng.randint(0, n) for n in lengths],
+                                       [r.confidences[:n] for r, n in zip(reqs, lengths, strict=True)],
+                                       max(drafted), 1e-3, 1e-2, 2e-2))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "mean"])
+def test_sunk_draft_time_follows_any_change_of_the_draft_lengths(layout):
+    """Kept forwards are only those no draft length crossed, whatever the order of the calls."""
+    from adaspec.spec.adaspec_policy import AdaSpecPolicy
+    from adaspec.spec.policy import BatchView, RequestView
+
+    rng = random.Random(9)
+    cm, *_ = _random_case(rng)
+    cm.layout = layout
+    policy = AdaSpecPolicy(cm)
+    for _ in range(50):
+        B = rng.randint(1, 8)
+        reqs = [RequestView(f"r{i}", rng.randint(10, 500), 5, 8, rng.randint(1, 4)) for i in range(B)]
+        batch = BatchView(reqs, 8)
+        for _ in range(10):
+            for r in batch.requests:  # grow (the engine's way), jump or shrink
+                n = max(0, len(r.confidences) + rng.choice([0, 1, 1, 3, -2]))
+                r.confidences = [0.5] * n
+            drafted = [len(r.confidences) for r in batch.requests]
+            forwards = cm.draft_forwards(policy.shape(batch))
+            assert policy._sunk_draft_time(batch, drafted) == sum(cm.predict_draft(*f) for f in forwards)

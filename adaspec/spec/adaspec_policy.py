@@ -51,6 +51,8 @@ class AdaSpecPolicy(ControlledPolicy):
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
         self._planned: list[int] = []
         self._prefix_probs: list[list[float]] = []  # P(first j+1 drafts all accepted), per request
+        self._prefix_sums: list[float] = []  # sum of each request's prefix probabilities
+        self._forwards: tuple = (None, [], [])  # (batch, drafted, predicted time of each draft forward)
         self._slo: SLOState | None = None
         self._unseen: list[list[float]] = []  # look-ahead acceptance per request and position
 
@@ -62,11 +64,13 @@ class AdaSpecPolicy(ControlledPolicy):
     # ------------------------------------------------------------------------------ helpers
 
     def _update_probs(self, batch: BatchView) -> None:
-        """Extend each request's P(first j+1 drafts all accepted) with its new confidences."""
-        for r, ps in zip(batch.requests, self._prefix_probs, strict=True):
+        """Extend each request's P(first j+1 drafts all accepted) with its new confidences, and
+        their running sum (added in order: the value of `sum(ps)`, without summing it anew)."""
+        predict, sums = self.acceptance.predict, self._prefix_sums
+        for k, (r, ps) in enumerate(zip(batch.requests, self._prefix_probs, strict=True)):
             for j in range(len(ps), len(r.confidences)):
-                p = self.acceptance.predict(r.request_id, r.confidences[j], j)
-                ps.append((ps[-1] if ps else 1.0) * p)
+                ps.append((ps[-1] if ps else 1.0) * predict(r.request_id, r.confidences[j], j))
+                sums[k] += ps[-1]
 
     def expected_tokens(self, batch: BatchView, verified: list[int]) -> float:
         """As the base class, from this step's prefix probabilities (same values, no re-prediction)."""
@@ -80,8 +84,27 @@ class AdaSpecPolicy(ControlledPolicy):
                 total += p
         return total
 
-    def _sunk_draft_time(self, batch: BatchView) -> float:
-        return sum(self.costs.predict_draft(*f) for f in self.costs.draft_forwards(self.shape(batch)))
+    def _sunk_draft_time(self, batch: BatchView, drafted: list[int]) -> float:
+        """Predicted time of the draft forwards run so far: `CostModel.draft_forwards` of the step's
+        shape, predicted and summed in order. Draft forward j runs the requests that drafted more
+        than j tokens, which change only where a request's draft length crossed j: the forwards
+        below the shortest draft that changed are kept from the last call (after each draft forward,
+        only the new one is priced and predicted; the cost model changes only at `observe`)."""
+        last_batch, last, times = self._forwards
+        if last_batch is not batch:
+            last, times = [0] * len(drafted), []
+        kept = min((min(a, b) for a, b in zip(last, drafted, strict=True) if a != b), default=len(times))
+        del times[kept:]
+        for j in range(len(times), max(drafted, default=0)):
+            times.append(self.costs.predict_draft(*self._draft_forward(batch.requests, drafted, j)))
+        self._forwards = (batch, drafted, times)
+        return sum(times)
+
+    def _draft_forward(self, reqs: list, drafted: list[int], j: int) -> tuple:
+        """`CostModel.draft_forwards`' forward j alone, priced by `CostModel.forward`."""
+        rows = [r for r, d in zip(reqs, drafted, strict=True) if d > j]
+        widths = [r.draft_lag for r in rows] if j == 0 else [1] * len(rows)
+        return self.costs.forward(widths, [r.context_len + j for r in rows])
 
     def _record(self, phase: str, T, E, checks: dict[int, float], choice: tuple[int, int]) -> None:
         """Log the choice and, for each depth h, the candidate with the chosen requests (all that
@@ -111,6 +134,8 @@ class AdaSpecPolicy(ControlledPolicy):
         reqs = batch.requests
         self._slo = SLOState(batch)
         self._prefix_probs = [[] for _ in reqs]
+        self._prefix_sums = [0] * len(reqs)  # int 0, as sum() starts
+        self._forwards = (None, [], [])
         self._planned = [0] * len(reqs)
         K = max((r.max_draft for r in reqs), default=0)
         # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K)
@@ -143,14 +168,14 @@ class AdaSpecPolicy(ControlledPolicy):
         reqs, pp = batch.requests, self._prefix_probs
         drafted = [len(r.confidences) for r in reqs]
         T, E, order, tokens_of = next_token_options(
-            self.costs, [r.context_len for r in reqs], drafted, [1 + sum(ps) for ps in pp],
+            self.costs, [r.context_len for r in reqs], drafted, [1 + s for s in self._prefix_sums],
             [ps[-1] if ps else 1.0 for ps in pp], cont, [self._unseen[i][drafted[i]] for i in cont],
-            self._sunk_draft_time(batch))
+            self._sunk_draft_time(batch, drafted))
         m, checks = self._choose(T, E, tokens_of)
         keep = set(order[:m])
-        self.log.add("draft", [candidate(f"m={k}", E[k], T[k], checks.get(k), m=k)
-                               for k in sorted({0, m, len(cont)})],
-                     candidate(f"m={m}", E[m], T[m], checks.get(m), m=m), drafted=drafted[cont[0]])
+        # the candidates logged, the choice among them (one dict for both)
+        logged = {k: candidate(f"m={k}", E[k], T[k], checks.get(k), m=k) for k in sorted({0, m, len(cont)})}
+        self.log.add("draft", list(logged.values()), logged[m], drafted=drafted[cont[0]])
         return [a and i in keep for i, a in enumerate(active)]
 
     def prune(self, batch: BatchView) -> list[int]:
@@ -159,7 +184,8 @@ class AdaSpecPolicy(ControlledPolicy):
         if not self.verifier or not any(drafted):
             return drafted
         T, E, removals, tokens_of = prune_sequence(self.costs, [r.context_len for r in batch.requests],
-                                                   drafted, self._prefix_probs, self._sunk_draft_time(batch))
+                                                   drafted, self._prefix_probs,
+                                                   self._sunk_draft_time(batch, drafted))
         r, checks = self._choose(T, E, tokens_of)
         lengths = list(drafted)
         for i in removals[:r]:
@@ -169,8 +195,7 @@ class AdaSpecPolicy(ControlledPolicy):
         for i, req in enumerate(batch.requests):
             if drafted[i] and not lengths[i] and self.acceptance.needs_evidence(req.confidences[0]):
                 lengths[i] = 1
-        def cand(k: int) -> dict:
-            return candidate(f"drop={k}", E[k], T[k], checks.get(k), drop=k)
-
-        self.log.add("prune", [cand(k) for k in sorted({0, r, len(removals)})], cand(r), lengths=lengths)
+        logged = {k: candidate(f"drop={k}", E[k], T[k], checks.get(k), drop=k)
+                  for k in sorted({0, r, len(removals)})}  # the choice is one of them
+        self.log.add("prune", list(logged.values()), logged[r], lengths=lengths)
         return lengths

@@ -22,6 +22,7 @@ Ties go to the first candidate, which every evaluator makes the least speculativ
 from __future__ import annotations
 
 import math
+from itertools import compress
 
 import numpy as np
 
@@ -67,17 +68,22 @@ class SLOState:
         return (slo * (done + remaining) - spent) / remaining
 
     def _np(self):
+        """Arrays for `worst`: the rates (1 where a request is already lost, so that dividing by
+        them is safe), the lost requests (None if none), remaining tokens, the waiting ones'."""
         if self._arrays is None:
             f = lambda v: np.array(v, dtype=float)  # noqa: E731
-            self._arrays = (f(self._rate), f(self._remaining), np.array(self._wait_rank, dtype=int),
-                            f(self._waited), f(self._ttft))
+            rate = f(self._rate)
+            on = rate > 0
+            self._arrays = (np.where(on, rate, 1.0), None if on.all() else ~on, f(self._remaining),
+                            np.array(self._wait_rank, dtype=int), f(self._waited), f(self._ttft))
         return self._arrays
 
     def excess(self, t: float, e: list[float]) -> list[float]:
         """Per request (running, then waiting with a TTFT SLO): relative excess over its SLO if one
         candidate step of time t emits e[i] tokens for request i (<= 0: on track)."""
-        inf = math.inf
-        over = [t / max(x, 1e-9) / r - 1 if r > 0 else inf for x, r in zip(e, self._rate, strict=True)]
+        inf = math.inf  # x if x > 1e-9 else 1e-9: the value of max(x, 1e-9), without a call per request
+        over = [t / (x if x > 1e-9 else 1e-9) / r - 1 if r > 0 else inf
+                for x, r in zip(e, self._rate, strict=True)]
         rank, waited, ttft = self._wait_rank, self._waited, self._ttft
         if ttft:
             frees = [f * t for f in sorted(r / x for r, x in zip(self._remaining, e, strict=True))]
@@ -91,15 +97,15 @@ class SLOState:
         if not self.active:
             return [-1.0] * len(t)
         over = [self.excess(ti, ei) for ti, ei in zip(t, e, strict=True)]
-        savable = [any(o[j] <= 0 for o in over) for j in range(len(over[0]))] if over else []
+        savable = [min(o) <= 0 for o in zip(*over, strict=True)]  # per request: kept on track by some
         out = []
         for o in over:
-            kept = [x for x, s in zip(o, savable, strict=True) if s]
+            kept = list(compress(o, savable))
             if not kept:
                 out.append(-1.0)
                 continue
             v = max(kept)
-            out.append(float(sum(1 for x in kept if x > 0)) if v > 0 else v)
+            out.append(float(len([x for x in kept if x > 0])) if v > 0 else v)
         return out
 
     def worst(self, t: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -109,14 +115,16 @@ class SLOState:
         -1 if there are none); otherwise how many of them are over their SLO (>= 1)."""
         if not self.active:
             return np.full(np.shape(t), -1.0)
-        rate, remaining, wait_rank, waited, ttft = self._np()
+        rate, lost, remaining, wait_rank, waited, ttft = self._np()
         t = np.asarray(t, dtype=float)[..., None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            over = np.where(rate > 0, t / np.maximum(e, 1e-9) / np.where(rate > 0, rate, 1.0) - 1, np.inf)
+        over = t / np.maximum(e, 1e-9) / rate - 1
+        if lost is not None:
+            over[..., lost] = np.inf
         if len(ttft):
-            frees = np.sort(remaining / e, axis=-1) * t  # seconds until the k-th slot frees
-            wait = frees[..., wait_rank]
-            vw = np.where(np.isfinite(wait), (waited + wait) / ttft - 1, -np.inf)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                frees = np.sort(remaining / e, axis=-1) * t  # seconds until the k-th slot frees
+                wait = frees[..., wait_rank]
+                vw = np.where(np.isfinite(wait), (waited + wait) / ttft - 1, -np.inf)
             over = np.concatenate([over, vw], axis=-1)
         savable = (over <= 0).reshape(-1, over.shape[-1]).any(0)
         if not savable.any():
@@ -128,6 +136,18 @@ class SLOState:
 
 RESCUE_LOSS = 0.05  # efficiency a step may give up to keep more requests on track for their SLO
 SMALL_SLO = 96  # candidate x request pairs up to which SLO checks run in plain Python
+SMALL_CHOICE = 64  # candidates up to which `choose` ranks them in plain Python
+
+
+def _efficiencies(t, e):
+    """Step times and E / T per candidate, read flat: plain lists for a few candidates (numpy's
+    per-call cost is most of the time there), arrays for many; the same IEEE divisions either way."""
+    if isinstance(t, np.ndarray) and t.size > SMALL_CHOICE:
+        t = t.ravel()
+        return t, np.asarray(e, dtype=float).ravel() / np.maximum(t, 1e-12)
+    t = t.ravel().tolist() if isinstance(t, np.ndarray) else list(t)
+    e = e.ravel().tolist() if isinstance(e, np.ndarray) else e
+    return t, [x / (y if y > 1e-12 else 1e-12) for x, y in zip(e, t, strict=True)]  # max(y, 1e-12)
 
 
 def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool,
@@ -138,21 +158,23 @@ def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool,
     The most efficient candidate, unless it leaves requests off track that a candidate at most
     `rescue_loss` less efficient keeps on track (and at most k / population less, when it saves k):
     then the most efficient such one. Only candidates within `rescue_loss` of the best can be
-    chosen, so only they are checked against the SLOs (the plan weighs ~300 at batch 32)."""
-    t = np.asarray(t, dtype=float).ravel()
-    eff = np.asarray(e, dtype=float).ravel() / np.maximum(t, 1e-12)
-    best = int(np.argmax(eff))
+    chosen, so only they are checked against the SLOs (the plan weighs ~300 at batch 32).
+    Ties go to the first candidate (argmax, and the index of a list's max, are the first)."""
+    t, eff = _efficiencies(t, e)
+    small = isinstance(eff, list)
+    best = eff.index(max(eff)) if small else int(np.argmax(eff))
     if not (slo_aware and slo.active):
         return best, {}
-    margin = max(slo.excess(float(t[best]), tokens_of(best)))
+    tokens = tokens_of(best)
+    margin = max(slo.excess(float(t[best]), tokens))
     if margin <= 0:  # every request on track: all are savable, so this is best's whole check
         return best, {best: margin}
-    near = np.flatnonzero(eff >= (1 - rescue_loss) * eff[best]).tolist()
-    tokens = [tokens_of(i) for i in near]
-    if len(near) * len(tokens[0]) > SMALL_SLO:
-        v = slo.worst(t[near], np.array(tokens)).tolist()
+    cut = (1 - rescue_loss) * eff[best]
+    near = [i for i, x in enumerate(eff) if x >= cut] if small else np.flatnonzero(eff >= cut).tolist()
+    if len(near) * len(tokens) > SMALL_SLO:
+        v = slo.worst(np.asarray(t)[near], _token_rows(tokens_of, near)).tolist()
     else:
-        v = slo.worst_cells([float(t[i]) for i in near], tokens)
+        v = slo.worst_cells([float(t[i]) for i in near], [tokens_of(i) for i in near])
     checks = dict(zip(near, v, strict=True))
     over = checks[best]
     if over <= 0:
@@ -160,6 +182,90 @@ def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool,
     floor = (1 - min(over / slo.population, rescue_loss)) * eff[best]
     rescues = [i for i in near if checks[i] <= 0 and eff[i] >= floor]
     return (max(rescues, key=eff.__getitem__) if rescues else best), checks
+
+
+def _token_rows(tokens_of, cells: list[int]) -> np.ndarray:
+    """[len(cells), B] expected tokens per request of the given candidates, for `SLOState.worst`:
+    all at once from an evaluator's tokens (`CandidateTokens.rows`), else one candidate at a time."""
+    if isinstance(tokens_of, CandidateTokens):
+        return tokens_of.rows(cells)
+    return np.array([tokens_of(i) for i in cells], dtype=float)
+
+
+class CandidateTokens:
+    """An evaluator's tokens_of: `tokens_of(i)`, candidate i's expected tokens per request as a
+    list, and `rows(cells)`, many candidates as an array [len(cells), B] with the same values: at
+    batch 32 the SLO check weighs dozens of candidates, which cost less built as one array than as
+    one list each."""
+
+    def __call__(self, i: int) -> list[float]:
+        raise NotImplementedError
+
+    def rows(self, cells: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class GainedTokens(CandidateTokens):
+    """The continuation evaluators': candidate h * width + m adds gains[r][h] to the base tokens of
+    each of the top m ranked requests order[r] (one addition per request, so an array computes the
+    very same values)."""
+
+    def __init__(self, base: list[float], order: list[int], gains: list[list[float]], width: int):
+        self.base, self.order, self.gains, self.width = base, order, gains, width
+        self._table = None
+
+    def __call__(self, cell: int) -> list[float]:
+        h, m = divmod(cell, self.width)
+        e = list(self.base)
+        for i, g in zip(self.order[:m], self.gains, strict=False):
+            e[i] += g[h]
+        return e
+
+    def rows(self, cells: list[int]) -> np.ndarray:
+        if self._table is None:  # per depth h, every request's tokens if it is among the top m
+            M, depths = len(self.order), len(self.gains[0]) if self.gains else 1
+            table, rank = [list(self.base) for _ in range(depths)], [M] * len(self.base)
+            for r, (i, g) in enumerate(zip(self.order, self.gains, strict=True)):
+                rank[i] = r  # unranked requests keep rank M: never among the top m
+                for h in range(depths):
+                    table[h][i] += g[h]
+            self._table = np.array(self.base, dtype=float), np.array(table), np.array(rank)
+        base, table, rank = self._table
+        h, m = np.divmod(np.array(cells), self.width)
+        return np.where(rank < m[:, None], table[h], base)
+
+
+class PrunedTokens(CandidateTokens):
+    """`prune_sequence`'s: candidate r takes the value of each of the first r removals off its
+    request's tokens, in removal order (`rows` walks the removals once, in that order)."""
+
+    def __init__(self, sums: list[float], removals: list[tuple[float, int, int]]):
+        self.sums, self.removals = sums, removals
+
+    def __call__(self, r: int) -> list[float]:
+        e = list(self.sums)
+        for p, _, i in self.removals[:r]:
+            e[i] -= p
+        return e
+
+    def rows(self, cells: list[int]) -> np.ndarray:
+        ranked = sorted(range(len(cells)), key=cells.__getitem__)
+        out = np.empty((len(cells), len(self.sums)))
+        e, r = list(self.sums), 0
+        for n, k in enumerate(ranked):  # fewest removals first: each row is the last plus changes
+            changed = set()
+            while r < cells[k]:
+                p, _, i = self.removals[r]
+                e[i] -= p
+                r += 1
+                changed.add(i)
+            if n == 0:
+                out[k] = e
+            else:
+                out[k] = out[ranked[n - 1]]
+                for i in changed:
+                    out[k, i] = e[i]
+        return out
 
 
 def _gains_small(prefixes: list[float], futures: list[list[float]], horizon: int) -> list[list[float]]:
@@ -195,6 +301,7 @@ def _running(first, values: np.ndarray, op) -> np.ndarray:
 
 
 SMALL_GRID = 24  # cells (M x H) up to which plain Python beats numpy's per-call cost
+SMALL_PRUNE = 24  # draft positions up to which `prune_sequence` runs in plain Python
 
 
 def continuation_grid(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
@@ -225,34 +332,49 @@ def continuation_grid(cm: CostModel, contexts: list[int], drafted: list[int], ba
         T, E = _grid_times(cm, contexts, drafted, base_tokens, order, gain, horizons, widths, sunk)
         gains = gain.T.tolist()
 
-    def tokens_of(cell: int) -> list[float]:
-        h, m = divmod(cell, M + 1)
-        e = list(base_tokens)
-        for r, i in enumerate(order[:m]):
-            e[i] += gains[r][h]
-        return e
-
-    return T, E, order, tokens_of
+    return T, E, order, GainedTokens(base_tokens, order, gains, M + 1)
 
 
 def next_token_options(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
                        prefix: list[float], cont: list[int], next_acc: list[float], sunk: float):
     """`continuation_grid`'s h=1 row, as plain lists over m = 0..M: "the top m requests of `cont`
-    draft one more token" (the drafter's question after every draft forward, so kept lean; same
-    values as the grid). next_acc[k]: look-ahead acceptance of cont[k]'s next token."""
+    draft one more token" (the drafter's question after every draft forward, so kept lean: only
+    this row's cells, see `_next_token_times`; same values as the grid). next_acc[k]: look-ahead
+    acceptance of cont[k]'s next token."""
     M = len(cont)
     rank = sorted(range(M), key=lambda k: -prefix[cont[k]] * next_acc[k])
     order = [cont[k] for k in rank]
-    gains = [[0.0, prefix[cont[k]] * next_acc[k]] for k in rank]
-    T, E = _cell_times(cm, contexts, drafted, base_tokens, order, gains, [1] * M, [1] * M, sunk)
+    gains = [prefix[cont[k]] * next_acc[k] for k in rank]
+    T, E = _next_token_times(cm, contexts, drafted, base_tokens, order, gains, sunk)
+    return T, E, order, GainedTokens(base_tokens, order, [[g] for g in gains], M + 1)  # cell m: h=0, m
 
-    def tokens_of(m: int) -> list[float]:
-        e = list(base_tokens)
-        for r, i in enumerate(order[:m]):
-            e[i] += gains[r][1]
-        return e
 
-    return T[1], E[1], order, tokens_of
+def _next_token_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
+                      order: list[int], gains: list[float], sunk: float) -> tuple[list[float], list[float]]:
+    """`_cell_times`' h=1 row alone, with its arithmetic: the top m requests (rank order) each draft
+    one token in one forward of m rows. Padded, the verification changes only when the longest
+    draft or context grows (at batch 32, a few predictions instead of 33)."""
+    B, padded = len(contexts), cm.padded
+    ends = [c + d for c, d in zip(contexts, drafted, strict=True)]
+    width = 1 if padded else 1.0  # the max / mean of m first-forward widths of 1, as in `_cell_times`
+    all_contexts, tokens, new_tokens = sum(contexts), sum(base_tokens), sum(drafted)
+    longest, verify_ctx, ctx_max, ctx_sum = max(drafted), max(ends), 0, 0
+    draft, T, E, verify_of = 0.0, [], [], _remembered(cm.predict_verify, B)
+    for m in range(len(order) + 1):
+        if m:
+            i = order[m - 1]
+            tokens += gains[m - 1]
+            new_tokens += 1
+            longest, verify_ctx = max(longest, drafted[i] + 1), max(verify_ctx, ends[i] + 1)
+            ctx_max, ctx_sum = max(ctx_max, ends[i]), ctx_sum + ends[i]
+            draft = cm.predict_draft(m, width, ctx_max if padded else ctx_sum / m)
+        if padded:
+            verify = verify_of(longest + 1, verify_ctx)
+        else:  # a new shape for every m
+            verify = cm.predict_verify(B, new_tokens / B + 1, (all_contexts + new_tokens) / B)
+        T.append(sunk + draft + verify + cm.predict_overhead(B, new_tokens, longest))
+        E.append(tokens)
+    return T, E
 
 
 def _grid_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
@@ -284,6 +406,7 @@ def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
     per rank ([M][H+1], from `_gains_small`). Returns plain lists [H+1][M+1]."""
     B, M, H = len(contexts), len(order), len(gains[0]) - 1 if gains else 0
     ends = [c + d for c, d in zip(contexts, drafted, strict=True)]
+    padded, all_contexts, verify_of = cm.padded, sum(contexts), _remembered(cm.predict_verify, B)
     T = [[0.0] * (M + 1) for _ in range(H + 1)]
     E = [[0.0] * (M + 1) for _ in range(H + 1)]
     tokens = [sum(base_tokens)] * (H + 1)
@@ -306,15 +429,16 @@ def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
             for t in range(horizon):
                 rows_in[t] += 1
         draft = 0.0
+        if m:  # the first draft forward's width, and the context of the first m rows
+            first, ctx = (width_max, ctx_max) if padded else (width_sum / m, ctx_sum / m)
         for h in range(H + 1):
             if h and m:  # draft forward h-1
                 t = h - 1
-                width = 1 if t else (width_max if cm.padded else width_sum / m)
-                draft += cm.predict_draft(rows_in[t], width, (ctx_max if cm.padded else ctx_sum / m) + t)
-            if cm.padded:
-                verify = cm.predict_verify(B, longest[h] + 1, verify_ctx[h])
+                draft += cm.predict_draft(rows_in[t], 1 if t else first, ctx + t)
+            if padded:
+                verify = verify_of(longest[h] + 1, verify_ctx[h])
             else:
-                verify = cm.predict_verify(B, new_tokens[h] / B + 1, (sum(contexts) + new_tokens[h]) / B)
+                verify = verify_of(new_tokens[h] / B + 1, (all_contexts + new_tokens[h]) / B)
             T[h][m] = sunk + draft + verify + cm.predict_overhead(B, new_tokens[h], longest[h])
             E[h][m] = tokens[h]
     return T, E
@@ -351,20 +475,12 @@ def prune_sequence(cm: CostModel, contexts: list[int], drafted: list[int], prefi
     who = [i for _, _, i in removals]
     tokens = B + sum(sum(ps) for ps in prefix_probs)
     overhead = cm.predict_overhead(B, sum(drafted), max(drafted))
-    if len(who) * B <= SMALL_GRID:  # a few positions: plain Python, same arithmetic
+    if len(who) <= SMALL_PRUNE:  # a few positions: plain Python, same arithmetic
         T = np.array([sunk + v + overhead for v in _prune_verify_cells(cm, contexts, drafted, who)])
     else:
         T = sunk + _prune_verify_grid(cm, contexts, drafted, who) + overhead
     E = np.subtract.accumulate(np.array([tokens] + [p for p, _, _ in removals]))  # in removal order
-    sums = [1 + sum(ps) for ps in prefix_probs]
-
-    def tokens_of(r: int) -> list[float]:
-        e = list(sums)
-        for p, _, i in removals[:r]:
-            e[i] -= p
-        return e
-
-    return T, E, who, tokens_of
+    return T, E, who, PrunedTokens([1 + sum(ps) for ps in prefix_probs], removals)
 
 
 def _prune_verify_grid(cm: CostModel, contexts: list[int], drafted: list[int], who: list[int]):
@@ -380,25 +496,46 @@ def _prune_verify_grid(cm: CostModel, contexts: list[int], drafted: list[int], w
 
 
 def _prune_verify_cells(cm: CostModel, contexts: list[int], drafted: list[int], who: list[int]):
-    """`_prune_verify_grid` one removal at a time with running counts (cheaper for a few)."""
-    B = len(contexts)
+    """`_prune_verify_grid` one removal at a time with running counts (cheaper for a few hundred):
+    the padded width is the top draft length some request still holds, the context the longest
+    end (looked for again only when the request that held it loses a token)."""
+    B, verify_of = len(contexts), _remembered(cm.predict_verify, len(contexts))
     lengths = list(drafted)
-    at_length = [0] * (max(drafted) + 1)  # requests per draft length: the padded width is the top one
+    at_length = [0] * (max(drafted) + 1)  # requests per draft length
     for n in lengths:
         at_length[n] += 1
-    total, ends = sum(lengths), [c + n for c, n in zip(contexts, lengths, strict=True)]
-    out: list[float] = []
+    ends = [c + n for c, n in zip(contexts, lengths, strict=True)]
+    width, longest_end, total, end_sum = max(lengths), max(ends), sum(lengths), sum(ends)
+    padded, out = cm.padded, []
     for r in range(len(who) + 1):
         if r:
             i = who[r - 1]
             at_length[lengths[i]] -= 1
             lengths[i] -= 1
             at_length[lengths[i]] += 1
+            while not at_length[width]:
+                width -= 1
             ends[i] -= 1
-            total -= 1
-        if cm.padded:
-            width = max(n for n in range(len(at_length)) if at_length[n])
-            out.append(cm.predict_verify(B, width + 1, max(ends)))
-        else:
-            out.append(cm.predict_verify(B, total / B + 1, sum(ends) / B))
+            if ends[i] + 1 == longest_end:
+                longest_end = max(ends)
+            total, end_sum = total - 1, end_sum - 1
+        if padded:
+            out.append(verify_of(width + 1, longest_end))
+        else:  # a new shape for every removal
+            out.append(cm.predict_verify(B, total / B + 1, end_sum / B))
     return out
+
+
+def _remembered(predict, batch: int):
+    """predict(batch, ...) remembered by its other inputs, for one evaluation: many candidates
+    verify the same shape (a prediction depends on its inputs alone, and the cost model changes
+    only between steps)."""
+    known: dict[tuple, float] = {}
+
+    def remembered(*args) -> float:
+        value = known.get(args)
+        if value is None:
+            value = known[args] = predict(batch, *args)
+        return value
+
+    return remembered
