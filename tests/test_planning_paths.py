@@ -16,7 +16,7 @@ from adaspec.spec.cost_model import CostModel, ForwardTimeModel
 def _random_case(rng: random.Random):
     cm = CostModel(ForwardTimeModel([rng.random() * 1e-3 for _ in range(6)], rng.choice([0.0, 7.0])),
                    ForwardTimeModel([rng.random() * 1e-3 for _ in range(6)], rng.choice([0.0, 64.0])),
-                   rng.random() * 1e-5, rng.random() < 0.5)
+                   rng.random() * 1e-5, layout=rng.choice(["padded", "packed", "mean"]))
     cm.draft_scale.value, cm.verify_scale.value = rng.uniform(0.5, 2), rng.uniform(0.5, 2)
     for k, bucket in enumerate(cm.verify_scale.buckets):  # some widths corrected on their own
         if rng.random() < 0.5:

@@ -346,6 +346,28 @@ class CostModel:
         del drafted_tokens  # kept for models that price by it (the simulator's fitted one)
         return self.overhead_per_request * (1 + batch_size) + self.overhead_per_forward * draft_forwards
 
+    def verify_time(self, batch, new_tokens, longest, ctx_max, ctx_sum, grid: bool = False):
+        """Predicted verification of `batch` rows holding `new_tokens` drafts in all, `longest` the
+        most in one row, their contexts (drafts included) at most ctx_max and ctx_sum in all, priced
+        under the layout. Scalars, or arrays with grid=True (the same values): the planners track
+        these running figures for every candidate and leave the pricing to this one place."""
+        f = self.predict_verify_grid if grid else self.predict_verify
+        if self._layout == "padded":
+            return f(batch, longest + 1, ctx_max)
+        if self._layout == "mean":
+            return f(batch, new_tokens / batch + 1, ctx_sum / batch)
+        return f(batch, new_tokens / batch + 1, ctx_max, longest + 1)
+
+    def draft_time(self, rows, width_max, width_mean, ctx_max, ctx_mean, grid: bool = False):
+        """Predicted draft forward of `rows` rows, their widths (tokens) and contexts given by max and
+        mean, priced under the layout (as `verify_time`)."""
+        f = self.predict_draft_grid if grid else self.predict_draft
+        if self._layout == "padded":
+            return f(rows, width_max, ctx_max)
+        if self._layout == "mean":
+            return f(rows, width_mean, ctx_mean)
+        return f(rows, width_mean, ctx_max, width_max)
+
     def _pick(self, values: list[int]) -> float:
         """A ragged list's one figure for a profile of equal rows: the longest (padded) or the mean."""
         return max(values) if self._layout == "padded" else sum(values) / len(values)

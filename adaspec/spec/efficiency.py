@@ -352,14 +352,12 @@ def next_token_options(cm: CostModel, contexts: list[int], drafted: list[int], b
 def _next_token_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
                       order: list[int], gains: list[float], sunk: float) -> tuple[list[float], list[float]]:
     """`_cell_times`' h=1 row alone, with its arithmetic: the top m requests (rank order) each draft
-    one token in one forward of m rows. Padded, the verification changes only when the longest
-    draft or context grows (at batch 32, a few predictions instead of 33)."""
-    B, padded = len(contexts), cm.padded
+    one token in one forward of m rows."""
+    B = len(contexts)
     ends = [c + d for c, d in zip(contexts, drafted, strict=True)]
-    width = 1 if padded else 1.0  # the max / mean of m first-forward widths of 1, as in `_cell_times`
     all_contexts, tokens, new_tokens = sum(contexts), sum(base_tokens), sum(drafted)
     longest, verify_ctx, ctx_max, ctx_sum = max(drafted), max(ends), 0, 0
-    draft, T, E, verify_of = 0.0, [], [], _remembered(cm.predict_verify, B)
+    draft, T, E = 0.0, [], []
     for m in range(len(order) + 1):
         if m:
             i = order[m - 1]
@@ -367,11 +365,8 @@ def _next_token_times(cm: CostModel, contexts: list[int], drafted: list[int], ba
             new_tokens += 1
             longest, verify_ctx = max(longest, drafted[i] + 1), max(verify_ctx, ends[i] + 1)
             ctx_max, ctx_sum = max(ctx_max, ends[i]), ctx_sum + ends[i]
-            draft = cm.predict_draft(m, width, ctx_max if padded else ctx_sum / m)
-        if padded:
-            verify = verify_of(longest + 1, verify_ctx)
-        else:  # a new shape for every m
-            verify = cm.predict_verify(B, new_tokens / B + 1, (all_contexts + new_tokens) / B)
+            draft = cm.draft_time(m, 1, 1.0, ctx_max, ctx_sum / m)  # m widths of 1: max 1, mean 1.0
+        verify = cm.verify_time(B, new_tokens, longest, verify_ctx, all_contexts + new_tokens)
         T.append(sunk + draft + verify + cm.predict_overhead(B, new_tokens, longest))
         E.append(tokens)
     return T, E
@@ -391,10 +386,7 @@ def _grid_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
     order_ends = np.array([ends[i] for i in order])
     verify_ctx = _running(max(ends), order_ends + steps, np.maximum)
     new_tokens = _running(sum(drafted), steps, np.add)
-    if cm.padded:
-        verify = cm.predict_verify_grid(B, longest + 1, verify_ctx)
-    else:
-        verify = cm.predict_verify_grid(B, new_tokens / B + 1, (sum(contexts) + new_tokens) / B)
+    verify = cm.verify_time(B, new_tokens, longest, verify_ctx, sum(contexts) + new_tokens, grid=True)
     draft = _draft_times(cm, horizon, np.array(widths), order_ends, H)
     return sunk + draft + verify + cm.predict_overhead(B, new_tokens, longest), E
 
@@ -406,7 +398,7 @@ def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
     per rank ([M][H+1], from `_gains_small`). Returns plain lists [H+1][M+1]."""
     B, M, H = len(contexts), len(order), len(gains[0]) - 1 if gains else 0
     ends = [c + d for c, d in zip(contexts, drafted, strict=True)]
-    padded, all_contexts, verify_of = cm.padded, sum(contexts), _remembered(cm.predict_verify, B)
+    all_contexts = sum(contexts)
     T = [[0.0] * (M + 1) for _ in range(H + 1)]
     E = [[0.0] * (M + 1) for _ in range(H + 1)]
     tokens = [sum(base_tokens)] * (H + 1)
@@ -429,16 +421,13 @@ def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
             for t in range(horizon):
                 rows_in[t] += 1
         draft = 0.0
-        if m:  # the first draft forward's width, and the context of the first m rows
-            first, ctx = (width_max, ctx_max) if padded else (width_sum / m, ctx_sum / m)
         for h in range(H + 1):
-            if h and m:  # draft forward h-1
+            if h == 1 and m:  # the first draft forward catches up the lags (widths)
+                draft += cm.draft_time(rows_in[0], width_max, width_sum / m, ctx_max, ctx_sum / m)
+            elif h and m:  # draft forward t = h-1: one token a row
                 t = h - 1
-                draft += cm.predict_draft(rows_in[t], 1 if t else first, ctx + t)
-            if padded:
-                verify = verify_of(longest[h] + 1, verify_ctx[h])
-            else:
-                verify = verify_of(new_tokens[h] / B + 1, (all_contexts + new_tokens[h]) / B)
+                draft += cm.draft_time(rows_in[t], 1, 1, ctx_max + t, ctx_sum / m + t)
+            verify = cm.verify_time(B, new_tokens[h], longest[h], verify_ctx[h], all_contexts + new_tokens[h])
             T[h][m] = sunk + draft + verify + cm.predict_overhead(B, new_tokens[h], longest[h])
             E[h][m] = tokens[h]
     return T, E
@@ -446,17 +435,16 @@ def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
 
 def _draft_times(cm: CostModel, horizon: np.ndarray, width: np.ndarray, ends: np.ndarray, H: int):
     """[H+1, M+1] draft time of the top m ranked requests drafting up to h tokens: draft forward t
-    runs the rows whose horizon exceeds t, first-forward width and context by max (padded) or mean."""
+    runs the rows whose horizon exceeds t, the first one at the rows' first-forward widths."""
     M = len(horizon)
     t = np.arange(H)[:, None]
     rows = np.cumsum(horizon[None, :] > t, axis=1)  # [H, M]: rows in forward t among the top m
     m = np.arange(1, M + 1)
-    if cm.padded:
-        first, ctx = np.maximum.accumulate(width), np.maximum.accumulate(ends)
-    else:
-        first, ctx = np.cumsum(width) / m, np.cumsum(ends) / m
-    widths = np.where(t == 0, first[None, :], 1)
-    per_forward = cm.predict_draft_grid(rows, widths, ctx[None, :] + t)  # [H, M]
+    first_max, first_mean = np.maximum.accumulate(width), np.cumsum(width) / m
+    ctx_max, ctx_mean = np.maximum.accumulate(ends), np.cumsum(ends) / m
+    per_forward = cm.draft_time(rows, np.where(t == 0, first_max[None, :], 1),  # [H, M]
+                                np.where(t == 0, first_mean[None, :], 1), ctx_max[None, :] + t,
+                                ctx_mean[None, :] + t, grid=True)
     draft = np.zeros((H + 1, M + 1))
     draft[1:, 1:] = np.cumsum(per_forward, axis=0)
     return draft
@@ -490,23 +478,22 @@ def _prune_verify_grid(cm: CostModel, contexts: list[int], drafted: list[int], w
     cut[np.arange(1, len(who) + 1), who] = 1
     lengths = np.asarray(drafted) - np.cumsum(cut, axis=0)  # [N+1, B]
     ends = np.asarray(contexts) + lengths
-    if cm.padded:
-        return cm.predict_verify_grid(B, lengths.max(1) + 1, ends.max(1))
-    return cm.predict_verify_grid(B, (sum(drafted) - np.arange(len(who) + 1)) / B + 1, ends.sum(1) / B)
+    return cm.verify_time(B, sum(drafted) - np.arange(len(who) + 1), lengths.max(1), ends.max(1), ends.sum(1),
+                          grid=True)
 
 
 def _prune_verify_cells(cm: CostModel, contexts: list[int], drafted: list[int], who: list[int]):
     """`_prune_verify_grid` one removal at a time with running counts (cheaper for a few hundred):
     the padded width is the top draft length some request still holds, the context the longest
     end (looked for again only when the request that held it loses a token)."""
-    B, verify_of = len(contexts), _remembered(cm.predict_verify, len(contexts))
+    B = len(contexts)
     lengths = list(drafted)
     at_length = [0] * (max(drafted) + 1)  # requests per draft length
     for n in lengths:
         at_length[n] += 1
     ends = [c + n for c, n in zip(contexts, lengths, strict=True)]
     width, longest_end, total, end_sum = max(lengths), max(ends), sum(lengths), sum(ends)
-    padded, out = cm.padded, []
+    out = []
     for r in range(len(who) + 1):
         if r:
             i = who[r - 1]
@@ -519,23 +506,6 @@ def _prune_verify_cells(cm: CostModel, contexts: list[int], drafted: list[int], 
             if ends[i] + 1 == longest_end:
                 longest_end = max(ends)
             total, end_sum = total - 1, end_sum - 1
-        if padded:
-            out.append(verify_of(width + 1, longest_end))
-        else:  # a new shape for every removal
-            out.append(cm.predict_verify(B, total / B + 1, end_sum / B))
+        out.append(cm.verify_time(B, total, width, longest_end, end_sum))
     return out
 
-
-def _remembered(predict, batch: int):
-    """predict(batch, ...) remembered by its other inputs, for one evaluation: many candidates
-    verify the same shape (a prediction depends on its inputs alone, and the cost model changes
-    only between steps)."""
-    known: dict[tuple, float] = {}
-
-    def remembered(*args) -> float:
-        value = known.get(args)
-        if value is None:
-            value = known[args] = predict(batch, *args)
-        return value
-
-    return remembered

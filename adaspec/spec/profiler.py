@@ -162,5 +162,5 @@ def profile_engine(engine, names: tuple[str, str] = ("target", "draft"), reprofi
     cm = load_or_profile(engine.target, engine.draft, engine.scheduler.max_num_seqs, engine.K + 1,
                          engine.max_model_len, names, reprofile, budget_s)
     # The profile times equal-length rows; how a ragged forward costs depends on the runner's layout.
-    cm.padded = not engine.target.packed
+    cm.layout = "packed" if engine.target.packed else "padded"
     return cm
