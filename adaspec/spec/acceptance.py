@@ -85,8 +85,8 @@ class AcceptanceModel:
         self.reset()
 
     def reset(self) -> None:
-        self.bin_accepted = np.zeros(self.bins)
-        self.bin_tested = np.zeros(self.bins)
+        self.bin_accepted = [0.0] * self.bins  # plain lists: updated a token at a time, every step
+        self.bin_tested = [0.0] * self.bins
         self._curve: list[float] | None = None
         self.positions = [_Ratio() for _ in range(self.max_position)]
         self.position_rates = [_Rate() for _ in range(self.max_position)]
@@ -103,9 +103,9 @@ class AcceptanceModel:
         between bin centres, flat beyond the outer ones)."""
         if self._curve is None:  # rebuilt after every observed request: plain floats, no numpy calls
             prior = self.calibration_prior
-            weights = [t + prior for t in self.bin_tested.tolist()]
+            weights = [t + prior for t in self.bin_tested]
             rates = [(a + prior * ((b + 0.5) / self.bins)) / w
-                     for b, (a, w) in enumerate(zip(self.bin_accepted.tolist(), weights, strict=True))]
+                     for b, (a, w) in enumerate(zip(self.bin_accepted, weights, strict=True))]
             self._curve = pool_adjacent_violators(rates, weights)
         x = min(max(q * self.bins - 0.5, 0.0), self.bins - 1.0)
         lo = min(int(x), self.bins - 2)
@@ -227,12 +227,13 @@ class AcceptanceModel:
 
 @dataclass
 class CalibrationScore:
-    """Running expected calibration error (equal-width bins) and Brier score."""
+    """Running expected calibration error (equal-width bins) and Brier score (plain lists: `add`
+    runs for every verified token)."""
 
     bins: int = 10
-    count: np.ndarray = field(default_factory=lambda: np.zeros(10))
-    sum_pred: np.ndarray = field(default_factory=lambda: np.zeros(10))
-    sum_outcome: np.ndarray = field(default_factory=lambda: np.zeros(10))
+    count: list[float] = field(default_factory=lambda: [0.0] * 10)
+    sum_pred: list[float] = field(default_factory=lambda: [0.0] * 10)
+    sum_outcome: list[float] = field(default_factory=lambda: [0.0] * 10)
     sq_error: float = 0.0
 
     def add(self, p: float, outcome: float) -> None:
@@ -244,13 +245,13 @@ class CalibrationScore:
 
     @property
     def n(self) -> int:
-        return int(self.count.sum())
+        return int(sum(self.count))
 
     def ece(self) -> float:
-        n = self.count.sum()
+        n = sum(self.count)
         if not n:
             return float("nan")
-        return float(np.sum(np.abs(self.sum_pred - self.sum_outcome)) / n)
+        return float(np.sum(np.abs(np.subtract(self.sum_pred, self.sum_outcome))) / n)
 
     def brier(self) -> float:
         return self.sq_error / self.n if self.n else float("nan")
