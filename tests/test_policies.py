@@ -53,11 +53,13 @@ def request(rid, context=20, cap=8, **kw):
     return RequestView(rid, context, max_draft=cap, **kw)
 
 
-def adaspec(cost, rates, name="adaspec", rescue_loss=None):
+def adaspec(cost, rates, name="adaspec", rescue_loss=None, tpot_weighted=False):
     """rescue_loss=1.0: the strict estimator, where keeping k of n requests on track may cost k / n
-    of the efficiency (the default caps that at `efficiency.RESCUE_LOSS`)."""
+    of the efficiency (the default caps that at `efficiency.RESCUE_LOSS`). tpot_weighted=False (the
+    closed forms here count tokens alike; `test_tokens_of_slow_requests_are_worth_more` covers it)."""
     pol = AdaSpecPolicy.variant(name, cost)
     pol.acceptance = KnownAcceptance(rates)
+    pol.tpot_weighted = tpot_weighted
     if rescue_loss is not None:
         pol.rescue_loss = rescue_loss
     return pol
@@ -180,6 +182,34 @@ def slo_batch():
     a = request("a", output_tokens=11, since_first_token=0.1, tpot_slo=20 * MS)
     b = request("b", output_tokens=11, since_first_token=0.24, tpot_slo=20 * MS, remaining_tokens=4, cap=3)
     return BatchView([a, b], 8)
+
+
+def test_tokens_of_slow_requests_are_worth_more():
+    """For mean TPOT a token is worth its request's time per token: with equal acceptance, the
+    request with twice the TPOT so far is weighted 2x the other's (relative to their mean, within
+    the clamp) and drafts first; unweighted, they tie and the first in the batch goes first."""
+    from adaspec.spec.efficiency import next_token_options, weighted
+
+    fast = request("fast", output_tokens=21, since_first_token=0.2)  # 10 ms a token so far
+    slow = request("slow", output_tokens=21, since_first_token=0.4)  # 20 ms
+    new = request("new", output_tokens=1)  # no interval yet: weight 1
+    assert weighted([fast, slow, new]) == pytest.approx([10 / 15, 20 / 15, 1.0])
+    assert weighted([fast, fast]) is None and weighted([fast, new]) is None  # all alike: unweighted
+    quick = request("quick", output_tokens=21, since_first_token=0.1)  # 5 ms: 0.4 of the mean, clamped
+    assert weighted([quick, slow]) == pytest.approx([0.5, 1.6])
+    # equal acceptance: weighted, the slow request's next token ranks first and counts 4/3
+    cost = CostModel.linear(draft_step=2 * MS, verify_step=10 * MS, verify_per_token=1 * MS)
+    w = weighted([fast, slow])
+    for weights, first in ((None, 0), (w, 1)):
+        T, E, order, _ = next_token_options(cost, [20, 20], [0, 0], [1.0, 1.0], [1.0, 1.0], [0, 1],
+                                            [0.6, 0.6], 0.0, weights)
+        assert order[0] == first
+        assert E[1] - E[0] == pytest.approx(0.6 * (weights[first] if weights else 1.0))
+    rates = {"fast": 0.6, "slow": 0.6}
+    batch = BatchView([request("fast", output_tokens=21, since_first_token=0.2),
+                       request("slow", output_tokens=21, since_first_token=0.4)], 8)
+    planned, drafted, _ = drive(adaspec(cost, rates, "adaspec-noslo", tpot_weighted=True), batch)
+    assert drafted[1] >= drafted[0] and drafted[1] > 0
 
 
 def test_tight_slo_leaves_only_no_speculation():
@@ -486,10 +516,12 @@ def test_every_policy_is_lossless(tiny_pair, reference, name):
 
 def test_drafter_stops_requests_on_their_own(tiny_pair, reference):
     """Per-token costs make the drafter weigh each request's history (deterministic: the cost model
-    is frozen and the drafter ignores time)."""
+    is frozen, and tokens are not weighted by the measured TPOTs)."""
     cost = CostModel.linear(draft_step=0.2 * MS, draft_per_row=0.1 * MS, verify_step=5 * MS,
                             verify_per_token=0.05 * MS, padded=False)
-    spec = make_llm(tiny_pair, make_policy("adaspec-drafter", 6, cost))
+    policy = make_policy("adaspec-drafter", 6, cost)
+    policy.tpot_weighted = False
+    spec = make_llm(tiny_pair, policy)
     assert [o.token_ids for o in spec.generate(PROMPTS, greedy())] == reference
     recs = [r for r in spec.engine.telemetry if r.kind == "decode"]
     # same budget, different lengths: the drafter stopped some requests while others went on

@@ -32,6 +32,7 @@ from adaspec.spec.efficiency import (
     continuation_grid,
     next_token_options,
     prune_sequence,
+    weighted,
 )
 from adaspec.spec.policy import BatchView, fit_limits
 
@@ -45,10 +46,12 @@ class AdaSpecPolicy(ControlledPolicy):
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
-                 rescue_loss: float = RESCUE_LOSS):
+                 rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = True):
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
+        self.tpot_weighted = tpot_weighted  # tokens valued per request for mean TPOT (efficiency.weighted)
+        self._weights: list[float] | None = None
         self._planned: list[int] = []
         self._prefix_probs: list[list[float]] = []  # P(first j+1 drafts all accepted), per request
         self._prefix_sums: list[float] = []  # sum of each request's prefix probabilities
@@ -122,6 +125,7 @@ class AdaSpecPolicy(ControlledPolicy):
         d = super().describe()
         if self.slo_aware:
             d["rescue_loss"] = self.rescue_loss
+        d["tpot_weighted"] = self.tpot_weighted
         return d
 
     def _choose(self, T, E, tokens_of) -> tuple[int, dict[int, float]]:
@@ -133,6 +137,7 @@ class AdaSpecPolicy(ControlledPolicy):
         self.begin(batch)
         reqs = batch.requests
         self._slo = SLOState(batch)
+        self._weights = weighted(reqs) if self.tpot_weighted else None
         self._prefix_probs = [[] for _ in reqs]
         self._prefix_sums = [0] * len(reqs)  # int 0, as sum() starts
         self._forwards = (None, [], [])
@@ -148,7 +153,7 @@ class AdaSpecPolicy(ControlledPolicy):
         T, E, order, tokens_of = continuation_grid(
             self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [self._unseen[i][:reqs[i].max_draft] for i in cont],
-            [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0)
+            [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
         choice, checks = self._choose(T, E, tokens_of)
         h, m = divmod(choice, T.shape[1])
         if h and m:
@@ -170,7 +175,7 @@ class AdaSpecPolicy(ControlledPolicy):
         T, E, order, tokens_of = next_token_options(
             self.costs, [r.context_len for r in reqs], drafted, [1 + s for s in self._prefix_sums],
             [ps[-1] if ps else 1.0 for ps in pp], cont, [self._unseen[i][drafted[i]] for i in cont],
-            self._sunk_draft_time(batch, drafted))
+            self._sunk_draft_time(batch, drafted), self._weights)
         m, checks = self._choose(T, E, tokens_of)
         keep = set(order[:m])
         # the candidates logged, the choice among them (one dict for both)
@@ -185,7 +190,7 @@ class AdaSpecPolicy(ControlledPolicy):
             return drafted
         T, E, removals, tokens_of = prune_sequence(self.costs, [r.context_len for r in batch.requests],
                                                    drafted, self._prefix_probs,
-                                                   self._sunk_draft_time(batch, drafted))
+                                                   self._sunk_draft_time(batch, drafted), self._weights)
         r, checks = self._choose(T, E, tokens_of)
         lengths = list(drafted)
         for i in removals[:r]:
