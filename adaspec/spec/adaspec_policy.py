@@ -15,7 +15,9 @@ Per step (see `efficiency.py` for the model and the choice rule):
   stops when no request's next token is worth its cost.
 - prune (verifier): drop the globally least valuable draft positions, tails first, to the removal
   count with the best predicted efficiency, against the device's cost curve.
-Each of the three choices goes through `efficiency.choose` (the SLO-aware rule).
+Each of the three choices goes through `efficiency.choose` (the SLO-aware rule), and in each a token
+counts at its request's worth for mean TPOT (`efficiency.weighted`: its TPOT so far, relative to
+the batch's), so the requests whose drafts fail are not left behind by the ones whose drafts pass.
 Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO).
 """
 

@@ -1,7 +1,8 @@
 """The efficiency model: expected emitted tokens / predicted step time, and the SLO check.
 
 Expected tokens of a request = 1 + sum over its drafted positions j of P(positions 1..j all
-accepted); step time = draft forwards + one verification forward + overhead, from the cost model.
+accepted), optionally weighted per request (`weighted`: what its token is worth for mean TPOT);
+step time = draft forwards + one verification forward + overhead, from the cost model.
 Every evaluator returns arrays of predicted step time T and expected tokens E over its candidates,
 and a function giving a candidate's expected tokens per request for the SLO check; `choose` picks:
 
