@@ -15,9 +15,10 @@ Per step (see `efficiency.py` for the model and the choice rule):
   stops when no request's next token is worth its cost.
 - prune (verifier): drop the globally least valuable draft positions, tails first, to the removal
   count with the best predicted efficiency, against the device's cost curve.
-Each of the three choices goes through `efficiency.choose` (the SLO-aware rule), and in each a token
-counts at its request's worth for mean TPOT (`efficiency.weighted`: its TPOT so far, relative to
-the batch's), so the requests whose drafts fail are not left behind by the ones whose drafts pass.
+Each of the three choices goes through `efficiency.choose` (the SLO-aware rule). With
+`tpot_weighted=True` a token counts at its request's worth for mean TPOT (`efficiency.weighted`: its
+TPOT so far, relative to the batch's). Off by default: side by side on Spec-Bench (session 5) it cut
+the P99 TPOT by 10-28% but not the mean (docs/policies.md).
 Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO).
 """
 
@@ -48,7 +49,7 @@ class AdaSpecPolicy(ControlledPolicy):
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
-                 rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = True):
+                 rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False):
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
