@@ -127,6 +127,18 @@ def test_slo_checks_with_lost_requests_match():
     assert lost > 20
 
 
+def _evaluations(rng, cm, contexts, drafted, base, prefix, cont, future, widths, sunk):
+    """Every evaluator's (T, E, order, tokens_of) on one random case, token weights or not."""
+    w = [rng.uniform(0.5, 2) for _ in contexts] if rng.random() < 0.3 else None
+    out = [efficiency.continuation_grid(cm, contexts, drafted, base, prefix, cont, future, widths, sunk, w),
+           efficiency.next_token_options(cm, contexts, drafted, base, prefix, cont, [f[0] for f in future],
+                                         sunk, w)]
+    if any(drafted):
+        probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
+        out.append(efficiency.prune_sequence(cm, contexts, drafted, probs, sunk, w))
+    return out
+
+
 def test_choose_in_plain_python_matches_numpy(monkeypatch):
     """`choose` ranks a few candidates in plain Python and many with numpy: same choice, same checks
     (ties included), on every evaluator's candidates, with and without SLO checks."""
@@ -134,13 +146,7 @@ def test_choose_in_plain_python_matches_numpy(monkeypatch):
     for _ in range(200):
         cm, slo, contexts, drafted, base, prefix, cont, future, widths, sunk = _random_case(rng)
         slo = _lost_slo(rng, len(contexts)) if rng.random() < 0.5 else slo
-        evaluations = [efficiency.continuation_grid(cm, contexts, drafted, base, prefix, cont, future, widths,
-                                                    sunk),
-                       efficiency.next_token_options(cm, contexts, drafted, base, prefix, cont,
-                                                     [f[0] for f in future], sunk)]
-        if any(drafted):
-            probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
-            evaluations.append(efficiency.prune_sequence(cm, contexts, drafted, probs, sunk))
+        evaluations = _evaluations(rng, cm, contexts, drafted, base, prefix, cont, future, widths, sunk)
         for T, E, _, tokens_of in evaluations:
             if rng.random() < 0.3:  # ties: the first of equally efficient candidates
                 T, E = np.ones(np.shape(T)), np.round(np.asarray(E), 1)
@@ -162,13 +168,7 @@ def test_candidate_token_rows_match_one_by_one():
     rng = random.Random(7)
     for _ in range(200):
         cm, slo, contexts, drafted, base, prefix, cont, future, widths, sunk = _random_case(rng)
-        evaluations = [efficiency.continuation_grid(cm, contexts, drafted, base, prefix, cont, future, widths,
-                                                    sunk),
-                       efficiency.next_token_options(cm, contexts, drafted, base, prefix, cont,
-                                                     [f[0] for f in future], sunk)]
-        if any(drafted):
-            probs = [sorted((rng.random() for _ in range(d)), reverse=True) for d in drafted]
-            evaluations.append(efficiency.prune_sequence(cm, contexts, drafted, probs, sunk))
+        evaluations = _evaluations(rng, cm, contexts, drafted, base, prefix, cont, future, widths, sunk)
         for T, _, _, tokens_of in evaluations:
             assert isinstance(tokens_of, efficiency.CandidateTokens)
             cells = [rng.randrange(np.size(T)) for _ in range(rng.randint(1, 2 * np.size(T)))]
