@@ -101,16 +101,13 @@ class AdaSpecPolicy(ControlledPolicy):
             last, times = [0] * len(drafted), []
         kept = min((min(a, b) for a, b in zip(last, drafted, strict=True) if a != b), default=len(times))
         del times[kept:]
-        for j in range(len(times), max(drafted, default=0)):
-            times.append(self.costs.predict_draft(*self._draft_forward(batch.requests, drafted, j)))
+        if len(times) < max(drafted, default=0):
+            reqs = batch.requests
+            lags, contexts = [r.draft_lag for r in reqs], [r.context_len for r in reqs]
+            for j in range(len(times), max(drafted)):
+                times.append(self.costs.predict_draft(*self.costs.draft_forward(drafted, lags, contexts, j)))
         self._forwards = (batch, drafted, times)
         return sum(times)
-
-    def _draft_forward(self, reqs: list, drafted: list[int], j: int) -> tuple:
-        """`CostModel.draft_forwards`' forward j alone, priced by `CostModel.forward`."""
-        rows = [r for r, d in zip(reqs, drafted, strict=True) if d > j]
-        widths = [r.draft_lag for r in rows] if j == 0 else [1] * len(rows)
-        return self.costs.forward(widths, [r.context_len + j for r in rows])
 
     def _record(self, phase: str, T, E, checks: dict[int, float], choice: tuple[int, int]) -> None:
         """Log the choice and, for each depth h, the candidate with the chosen requests (all that

@@ -352,43 +352,43 @@ class CostModel:
         under the layout. Scalars, or arrays with grid=True (the same values): the planners track
         these running figures for every candidate and leave the pricing to this one place."""
         f = self.predict_verify_grid if grid else self.predict_verify
-        if self._layout == "padded":
-            return f(batch, longest + 1, ctx_max)
-        if self._layout == "mean":
-            return f(batch, new_tokens / batch + 1, ctx_sum / batch)
-        return f(batch, new_tokens / batch + 1, ctx_max, longest + 1)
+        return f(*self._priced(batch, longest + 1, new_tokens / batch + 1, ctx_max, ctx_sum / batch))
 
     def draft_time(self, rows, width_max, width_mean, ctx_max, ctx_mean, grid: bool = False):
         """Predicted draft forward of `rows` rows, their widths (tokens) and contexts given by max and
         mean, priced under the layout (as `verify_time`)."""
         f = self.predict_draft_grid if grid else self.predict_draft
+        return f(*self._priced(rows, width_max, width_mean, ctx_max, ctx_mean))
+
+    def _priced(self, rows, width_max, width_mean, ctx_max, ctx_mean) -> tuple:
+        """The one place the layout decides which figures of ragged rows a forward is priced at:
+        (rows, tokens per row, context) or, packed, (rows, mean tokens, max context, max width)."""
         if self._layout == "padded":
-            return f(rows, width_max, ctx_max)
+            return rows, width_max, ctx_max
         if self._layout == "mean":
-            return f(rows, width_mean, ctx_mean)
-        return f(rows, width_mean, ctx_max, width_max)
+            return rows, width_mean, ctx_mean
+        return rows, width_mean, ctx_max, width_max
 
     def _pick(self, values: list[int]) -> float:
         """A ragged list's one figure for a profile of equal rows: the longest (padded) or the mean."""
         return max(values) if self._layout == "padded" else sum(values) / len(values)
 
     def forward(self, widths: list[int], contexts: list[float]) -> tuple:
-        """How a forward of rows with these widths (tokens) and contexts is priced under the layout:
-        (batch, tokens per row, context) or, packed, (batch, mean tokens, max context, max width)."""
-        if self._layout == "padded":
-            return len(widths), max(widths), max(contexts)
-        if self._layout == "mean":
-            return len(widths), sum(widths) / len(widths), sum(contexts) / len(contexts)
-        return len(widths), sum(widths) / len(widths), max(contexts), max(widths)
+        """How a forward of rows with these widths (tokens) and contexts is priced (`_priced`)."""
+        n = len(widths)
+        return self._priced(n, max(widths), sum(widths) / n, max(contexts), sum(contexts) / n)
+
+    def draft_forward(self, drafted: list[int], lags: list[int], contexts: list[int], j: int) -> tuple:
+        """`forward` of draft forward j of a step with these draft lengths: the rows that drafted
+        more than j tokens, the first forward catching up their lags."""
+        rows = [i for i, d in enumerate(drafted) if d > j]
+        widths = [lags[i] for i in rows] if j == 0 else [1] * len(rows)
+        return self.forward(widths, [contexts[i] + j for i in rows])
 
     def draft_forwards(self, shape: StepShape) -> list[tuple]:
-        """`forward` of each draft forward the shape implies (the first one catches up the lags)."""
-        out = []
-        for j in range(max(shape.drafted, default=0)):
-            rows = [i for i, d in enumerate(shape.drafted) if d > j]
-            widths = [shape.lags[i] for i in rows] if j == 0 else [1] * len(rows)
-            out.append(self.forward(widths, [shape.contexts[i] + j for i in rows]))
-        return out
+        """`draft_forward` of each draft forward the shape implies."""
+        return [self.draft_forward(shape.drafted, shape.lags, shape.contexts, j)
+                for j in range(max(shape.drafted, default=0))]
 
     def verify_forward(self, shape: StepShape) -> tuple:
         return self.forward([n + 1 for n in shape.verified],
