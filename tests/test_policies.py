@@ -408,7 +408,7 @@ def test_smartspec_alpha_is_measured_and_reset():
 @given(st.lists(st.tuples(st.integers(0, 8), st.integers(1, 3), st.floats(0.01, 0.99)), min_size=1,
                 max_size=6),
        st.integers(2, 40), st.sampled_from(["threshold", "smartspec", "adaspec", "adaspec-drafter",
-                                            "adaspec-noslo", "static:8"]))
+                                            "adaspec-noslo", "adaspec-always", "static:8"]))
 def test_no_decision_exceeds_limits(reqs, budget, name):
     cost = CostModel.linear(draft_step=0.1 * MS, verify_step=10 * MS, verify_per_token=0.1 * MS)
     pol = make_policy(name, 8, cost)
@@ -435,7 +435,8 @@ def test_no_decision_exceeds_limits(reqs, budget, name):
 
 def test_make_policy_names():
     assert {"none", "static:K", "threshold", "smartspec", "adaspec", "adaspec-drafter",
-            "adaspec-noslo"} <= set(POLICY_NAMES)
+            "adaspec-noslo", "adaspec-always"} <= set(POLICY_NAMES)
+    assert make_policy("adaspec-always", 8).adaptation is None and make_policy("adaspec", 8).adaptation
     assert make_policy("adaspec-noslo", 8).name == "adaspec-noslo"
     assert make_policy("threshold:0.4", 8).threshold == 0.4
     for bad in ("adaspec:3", "threshold:2", "smartspec:x"):
@@ -500,7 +501,8 @@ def reference(tiny_pair):
     return [o.token_ids for o in make_llm(tiny_pair, "none").generate(PROMPTS, greedy())]
 
 
-@pytest.mark.parametrize("name", ["threshold", "smartspec", "adaspec", "adaspec-drafter", "adaspec-noslo"])
+@pytest.mark.parametrize("name", ["threshold", "smartspec", "adaspec", "adaspec-drafter", "adaspec-noslo",
+                                  "adaspec-always"])
 def test_every_policy_is_lossless(tiny_pair, reference, name):
     pol = make_policy(name, 6, CostModel.linear(**CHEAP_DRAFT))
     spec = make_llm(tiny_pair, pol, slo_tpot_ms=50.0)
@@ -512,6 +514,10 @@ def test_every_policy_is_lossless(tiny_pair, reference, name):
     for r in records:  # no decision beyond K, the cap or the budget; what ran is what was chosen
         caps = [q["cap"] for q in r["requests"]]
         assert all(d <= min(c, 6) for d, c in zip(r["outcome"]["drafted"], caps, strict=True))
+    modes = {p["choice"] for r in records for p in r["phases"] if p["phase"] == "mode"}
+    # cost-aware adaptation tries both ways of running a speculating step (adaspec-always: no choice)
+    assert modes == ({"adaptive"} if name == "adaspec-always" else
+                     {"adaptive", "fixed"} if name.startswith("adaspec") else set())
 
 
 def test_drafter_stops_requests_on_their_own(tiny_pair, reference):

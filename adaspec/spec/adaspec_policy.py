@@ -19,14 +19,21 @@ Each of the three choices goes through `efficiency.choose` (the SLO-aware rule).
 `tpot_weighted=True` a token counts at its request's worth for mean TPOT (`efficiency.weighted`: its
 TPOT so far, relative to the batch's). Off by default: side by side on Spec-Bench (session 5) it cut
 the P99 TPOT by 10-28% but not the mean (docs/policies.md).
-Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO).
+Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO),
+`adaspec-always` (keep_drafting and prune in every speculating step, as the paper).
+
+keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on by default) a
+speculating step runs them only where, at this batch size, their measured cost has been below the
+efficiency they were predicted to add (`adaptation.py`); otherwise the plan's requests draft its
+depth h, without questions, and verify it all.
 """
 
 from __future__ import annotations
 
 from adaspec.spec.acceptance import AcceptanceModel
+from adaspec.spec.adaptation import AdaptationValue
 from adaspec.spec.control import ControlledPolicy
-from adaspec.spec.cost_model import CostModel
+from adaspec.spec.cost_model import CostModel, StepShape
 from adaspec.spec.decisions import candidate
 from adaspec.spec.efficiency import (
     RESCUE_LOSS,
@@ -37,7 +44,7 @@ from adaspec.spec.efficiency import (
     prune_sequence,
     weighted,
 )
-from adaspec.spec.policy import BatchView, fit_limits
+from adaspec.spec.policy import BatchView, StepOutcome, fit_limits
 
 STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft + bonus token)
 
@@ -45,16 +52,24 @@ STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft
 class AdaSpecPolicy(ControlledPolicy):
     name = "adaspec"
     needs_cost_model = True
-    VARIANTS = {"adaspec": (True, True), "adaspec-noslo": (True, False), "adaspec-drafter": (False, False)}
+    # name: (verifier, slo_aware, cost_aware_adaptation)
+    VARIANTS = {"adaspec": (True, True, True), "adaspec-noslo": (True, False, True),
+                "adaspec-drafter": (False, False, True), "adaspec-always": (True, True, False)}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
-                 rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False):
+                 rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
+                 cost_aware_adaptation: bool = True):
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
         self.tpot_weighted = tpot_weighted  # tokens valued per request for mean TPOT (efficiency.weighted)
         self._weights: list[float] | None = None
+        # None: adapt in every step (the paper's drafter and verifier); else measured per batch size
+        self.adaptation = AdaptationValue() if cost_aware_adaptation else None
+        self._adapting = True  # this step runs keep_drafting and prune
+        self._fixed: list[int] | None = None  # the plan's fixed depths, when it speculates
+        self._gain: float | None = None
         self._planned: list[int] = []
         self._prefix_probs: list[list[float]] = []  # P(first j+1 drafts all accepted), per request
         self._prefix_sums: list[float] = []  # sum of each request's prefix probabilities
@@ -64,8 +79,9 @@ class AdaSpecPolicy(ControlledPolicy):
 
     @classmethod
     def variant(cls, name: str, cost_model: CostModel | None = None) -> AdaSpecPolicy:
-        verifier, slo_aware = cls.VARIANTS[name]
-        return cls(cost_model, verifier=verifier, slo_aware=slo_aware, name=name)
+        verifier, slo_aware, adaptation = cls.VARIANTS[name]
+        return cls(cost_model, verifier=verifier, slo_aware=slo_aware, name=name,
+                   cost_aware_adaptation=adaptation)
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -126,6 +142,7 @@ class AdaSpecPolicy(ControlledPolicy):
         if self.slo_aware:
             d["rescue_loss"] = self.rescue_loss
         d["tpot_weighted"] = self.tpot_weighted
+        d["adaptation"] = None if self.adaptation is None else self.adaptation.report()
         return d
 
     def _choose(self, T, E, tokens_of) -> tuple[int, dict[int, float]]:
@@ -156,16 +173,30 @@ class AdaSpecPolicy(ControlledPolicy):
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
         choice, checks = self._choose(T, E, tokens_of)
         h, m = divmod(choice, T.shape[1])
+        self._fixed, self._adapting, self._gain = None, True, None
         if h and m:
+            fixed = [0] * n
             for i in order[:m]:
-                self._planned[i] = reqs[i].max_draft
+                fixed[i] = h
+            self._fixed = fit_limits(batch, fixed)
+            if self.adaptation is not None:
+                self._adapting = self.adaptation.decide(n)
+            if self._adapting:
+                for i in order[:m]:
+                    self._planned[i] = reqs[i].max_draft
+            else:
+                self._planned = list(self._fixed)
         self._planned = fit_limits(batch, self._planned)
         self._record("plan", T, E, checks, (h, m))
+        if self._fixed is not None:
+            self.log.add("mode", [], "adaptive" if self._adapting else "fixed")
         return self._planned
 
     def keep_drafting(self, batch: BatchView, active: list[bool]) -> list[bool]:
         """One token of look-ahead: the catch-up cost is sunk now, every further draft step costs the
         same and its token is worth less, so if one more step does not pay, none does."""
+        if not self._adapting:
+            return active  # the plan's depths, drafted without questions
         self._update_probs(batch)
         cont = [i for i, a in enumerate(active) if a]
         if not cont:
@@ -184,9 +215,12 @@ class AdaSpecPolicy(ControlledPolicy):
         return [a and i in keep for i, a in enumerate(active)]
 
     def prune(self, batch: BatchView) -> list[int]:
-        self._update_probs(batch)
         drafted = [len(r.confidences) for r in batch.requests]
+        if not self._adapting:
+            return drafted
+        self._update_probs(batch)
         if not self.verifier or not any(drafted):
+            self._measure_gain(batch, drafted, drafted)
             return drafted
         T, E, removals, tokens_of = prune_sequence(self.costs, [r.context_len for r in batch.requests],
                                                    drafted, self._prefix_probs,
@@ -203,4 +237,43 @@ class AdaSpecPolicy(ControlledPolicy):
         logged = {k: candidate(f"drop={k}", E[k], T[k], checks.get(k), drop=k)
                   for k in sorted({0, r, len(removals)})}  # the choice is one of them
         self.log.add("prune", list(logged.values()), logged[r], lengths=lengths)
+        self._measure_gain(batch, drafted, lengths)
         return lengths
+
+    # ------------------------------------------------------------------------------ adaptation value
+
+    def _predicted_efficiency(self, batch: BatchView, drafted: list[int], verified: list[int]) -> float:
+        """Expected tokens / predicted step time of a shape: this step's prefix probabilities where
+        the drafts exist, look-ahead acceptance beyond them (for the plan's depths not drafted)."""
+        tokens = 0.0
+        for i, (ps, n) in enumerate(zip(self._prefix_probs, verified, strict=True)):
+            tokens += 1 + sum(ps[:n])
+            p = ps[-1] if ps else 1.0
+            for j in range(len(ps), n):
+                p *= self._unseen[i][j]
+                tokens += p
+        reqs = batch.requests
+        shape = StepShape([r.context_len for r in reqs], [r.draft_lag for r in reqs], drafted, verified)
+        return tokens / self.costs.predict(shape).total
+
+    def _measure_gain(self, batch: BatchView, drafted: list[int], verified: list[int]) -> None:
+        """What adapting added this step: the verified shape's predicted efficiency over the fixed
+        plan's, both priced now."""
+        if self.adaptation is None or self._fixed is None:
+            return
+        self._gain = (self._predicted_efficiency(batch, drafted, verified)
+                      / self._predicted_efficiency(batch, self._fixed, self._fixed))
+        self.log.add("adaptation", [], "gain", gain=round(self._gain, 5))
+
+    def observe(self, outcome: StepOutcome) -> None:
+        super().observe(outcome)
+        if self.adaptation is not None and self._fixed is not None:
+            outside = max(0.0, outcome.step_time - outcome.draft_time - outcome.verify_time)
+            self.adaptation.observe(len(outcome.request_ids), self._adapting, outside, outcome.step_time,
+                                    self._gain)
+        self._fixed, self._gain, self._adapting = None, None, True
+
+    def reset(self) -> None:
+        super().reset()
+        if self.adaptation is not None:
+            self.adaptation.reset()

@@ -128,7 +128,7 @@ class StaticK(Policy):
 
 
 POLICY_NAMES = ["none", "static:K", "threshold", "smartspec", "adaspec", "adaspec-drafter",
-                "adaspec-noslo"]
+                "adaspec-noslo", "adaspec-always"]
 
 
 def make_policy(spec: str | Policy, num_speculative_tokens: int, cost_model=None) -> Policy:
@@ -162,7 +162,7 @@ def make_policy(spec: str | Policy, num_speculative_tokens: int, cost_model=None
         from adaspec.spec.baselines import SmartSpecPolicy
 
         return SmartSpecPolicy(cost_model)
-    if name in ("adaspec", "adaspec-drafter", "adaspec-noslo") and not arg:
+    if name in ("adaspec", "adaspec-drafter", "adaspec-noslo", "adaspec-always") and not arg:
         from adaspec.spec.adaspec_policy import AdaSpecPolicy
 
         return AdaSpecPolicy.variant(name, cost_model)
