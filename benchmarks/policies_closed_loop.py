@@ -47,7 +47,8 @@ from adaspec.spec.acceptance import measure_calibration, outcomes_from_telemetry
 from adaspec.spec.decisions import compact
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICIES = "none,static:1,static:3,static:5,threshold,smartspec,adaspec-drafter,adaspec-noslo,adaspec"
+POLICIES = ("none,static:1,static:3,static:5,threshold,smartspec,adaspec-drafter,adaspec-noslo,"
+            "adaspec-always,adaspec")
 
 
 def load_prompts(path: Path, n: int | None) -> list[str]:

@@ -205,14 +205,20 @@ class _Scale:
 
 
 class _WidthScale:
-    """The verification's online correction, per verify width (tokens per row): the start-up
-    profile can be off by different factors for a plain decode forward (width 1) and a wide
-    verification, and one shared factor learned from wide steps would misprice narrow ones (and the
-    choice between them). A width bucket uses the shared factor while it has too few steps of its
-    own, or none in the last `2 * window` steps: a stale factor (say, from a slow spell) must not
-    keep a policy away from a width for good, since only steps of that width would correct it."""
+    """The verification's online correction, apart for plain decode forwards (width 1) and
+    verifications (width 2+): the start-up profile can be off by different factors for the two, and
+    one shared factor learned from wide steps would misprice narrow ones (and the choice between
+    speculating and not). A bucket uses the shared factor while it has too few steps of its own, or
+    none in the last `2 * window` steps: a stale factor (say, from a slow spell) must not keep a
+    policy away from a width for good, since only steps of that width would correct it.
 
-    BUCKETS = (1, 2, 4, 7)  # lower edges: widths 1 | 2-3 | 4-6 | 7+
+    Verification widths share one factor: with one per width range (2-3 | 4-6 | 7+, sessions 4-5)
+    each range's factor followed the steps the policy happened to run there, and on a noisy machine
+    the ranges drifted apart by up to 20% (measured at batch 16: depth 3 priced below depth 2),
+    which swung the plan's depth between runs. The profile is fitted over widths, so what drifts
+    online is mostly the whole machine's speed: one factor keeps the prices monotone in width."""
+
+    BUCKETS = (1, 2)  # lower edges: widths 1 | 2+
     EDGES = tuple(b - 0.5 for b in BUCKETS[1:])  # a mean width (unpadded engines) rounds to a bucket
     MIN_RATIOS = 3
 
