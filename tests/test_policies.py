@@ -439,7 +439,8 @@ def test_make_policy_names():
     assert make_policy("adaspec-always", 8).adaptation is None and make_policy("adaspec", 8).adaptation
     assert make_policy("adaspec-noslo", 8).name == "adaspec-noslo"
     assert make_policy("threshold:0.4", 8).threshold == 0.4
-    for bad in ("adaspec:3", "threshold:2", "smartspec:x"):
+    assert make_policy("adaspec-tpot", 8).tpot_weighted and not make_policy("adaspec", 8).tpot_weighted
+    for bad in ("adaspec:3", "adaspec-fast", "threshold:2", "smartspec:x"):
         with pytest.raises(ValueError, match="policy"):
             make_policy(bad, 8)
 

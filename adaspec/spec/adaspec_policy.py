@@ -20,7 +20,8 @@ Each of the three choices goes through `efficiency.choose` (the SLO-aware rule).
 TPOT so far, relative to the batch's). Off by default: side by side on Spec-Bench (session 5) it cut
 the P99 TPOT by 10-28% but not the mean (docs/policies.md).
 Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO),
-`adaspec-always` (keep_drafting and prune in every speculating step, as the paper).
+`adaspec-always` (keep_drafting and prune in every speculating step, as the paper); `adaspec-tpot`
+is `adaspec` with `tpot_weighted=True`.
 
 keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on by default) a
 speculating step runs them only where, at this batch size, their measured cost has been below the
@@ -52,9 +53,9 @@ STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft
 class AdaSpecPolicy(ControlledPolicy):
     name = "adaspec"
     needs_cost_model = True
-    # name: (verifier, slo_aware, cost_aware_adaptation)
-    VARIANTS = {"adaspec": (True, True, True), "adaspec-noslo": (True, False, True),
-                "adaspec-drafter": (False, False, True), "adaspec-always": (True, True, False)}
+    VARIANTS = {"adaspec": {}, "adaspec-noslo": {"slo_aware": False},
+                "adaspec-drafter": {"verifier": False, "slo_aware": False},
+                "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
@@ -79,9 +80,7 @@ class AdaSpecPolicy(ControlledPolicy):
 
     @classmethod
     def variant(cls, name: str, cost_model: CostModel | None = None) -> AdaSpecPolicy:
-        verifier, slo_aware, adaptation = cls.VARIANTS[name]
-        return cls(cost_model, verifier=verifier, slo_aware=slo_aware, name=name,
-                   cost_aware_adaptation=adaptation)
+        return cls(cost_model, name=name, **cls.VARIANTS[name])
 
     # ------------------------------------------------------------------------------ helpers
 

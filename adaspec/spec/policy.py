@@ -128,7 +128,7 @@ class StaticK(Policy):
 
 
 POLICY_NAMES = ["none", "static:K", "threshold", "smartspec", "adaspec", "adaspec-drafter",
-                "adaspec-noslo", "adaspec-always"]
+                "adaspec-noslo", "adaspec-always", "adaspec-tpot"]
 
 
 def make_policy(spec: str | Policy, num_speculative_tokens: int, cost_model=None) -> Policy:
@@ -162,8 +162,9 @@ def make_policy(spec: str | Policy, num_speculative_tokens: int, cost_model=None
         from adaspec.spec.baselines import SmartSpecPolicy
 
         return SmartSpecPolicy(cost_model)
-    if name in ("adaspec", "adaspec-drafter", "adaspec-noslo", "adaspec-always") and not arg:
+    if name.startswith("adaspec") and not arg:
         from adaspec.spec.adaspec_policy import AdaSpecPolicy
 
-        return AdaSpecPolicy.variant(name, cost_model)
+        if name in AdaSpecPolicy.VARIANTS:
+            return AdaSpecPolicy.variant(name, cost_model)
     raise ValueError(f"unknown policy {spec!r}; known: {', '.join(POLICY_NAMES)}")
