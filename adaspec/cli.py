@@ -10,9 +10,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds an engine; names follow vLLM's."""
     p.add_argument("--model", help="target model: local Hugging Face directory (default: embedded pair)")
     p.add_argument("--draft-model", help="draft model directory (same tokenizer as the target)")
-    p.add_argument("--policy", help="speculation policy: none, static:K, threshold, smartspec, adaspec, "
-                   "adaspec-drafter, adaspec-noslo, adaspec-always, adaspec-tpot "
-                   "(default: static:4 with a draft)")
+    p.add_argument("--policy", help="speculation policy: none, static:K, threshold, smartspec, adaspec; "
+                   "adaspec's ablations: adaspec-drafter, adaspec-noslo, adaspec-always, adaspec-tpot, "
+                   "adaspec-meantpot (default: static:4 with a draft)")
     p.add_argument("--num-speculative-tokens", type=int, default=8, help="K, the most a step may draft")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int)

@@ -128,6 +128,23 @@ def test_each_request_stops_on_its_own_and_batch_stops_when_none_pays():
     assert drafted == [1, 1] and verified == [0, 0]  # the verifier also drops the worthless tokens
 
 
+def test_mean_tpot_objective_gives_an_unsure_request_its_first_draft():
+    """Tokens per second drafts the sure request deep and the unsure one not at all; the batch's mean
+    time per token (adaspec-meantpot) counts t / e_i per request, so the unsure request's first draft
+    (e: 1 -> 1.3) is worth more than the sure one's fifth, and the lengths come closer."""
+    cost = CostModel.linear(draft_step=0.5 * MS, draft_per_row=0.5 * MS, verify_step=10 * MS,
+                            verify_per_token=1 * MS, padded=False)
+    lengths = {}
+    for name in ("adaspec-noslo", "adaspec-meantpot"):
+        pol = adaspec(cost, {"sure": 0.9, "unsure": 0.3}, name)
+        pol.slo_aware = False
+        lengths[name] = drive(pol, BatchView([request("sure"), request("unsure")], 8))[2]
+    sure, unsure = lengths["adaspec-noslo"]
+    assert unsure == 0 and sure >= 5
+    sure_m, unsure_m = lengths["adaspec-meantpot"]
+    assert unsure_m >= 1 and sure_m < sure
+
+
 def test_verifier_cuts_globally_least_valuable_tails():
     cost = CostModel.linear(draft_step=0.0, verify_step=10 * MS, verify_per_token=3 * MS, padded=False)
     pol = adaspec(cost, {"a": 0.9, "b": 0.9})

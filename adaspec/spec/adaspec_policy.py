@@ -21,7 +21,8 @@ TPOT so far, relative to the batch's). Off by default: side by side on Spec-Benc
 the P99 TPOT by 10-28% but not the mean (docs/policies.md).
 Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO),
 `adaspec-always` (keep_drafting and prune in every speculating step, as the paper); `adaspec-tpot`
-is `adaspec` with `tpot_weighted=True`.
+is `adaspec` with `tpot_weighted=True`, `adaspec-meantpot` with `mean_tpot=True` (candidates ranked
+by the batch's mean time per token instead of its tokens per second).
 
 keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on by default) a
 speculating step runs them only where, at this batch size, their measured cost has been below the
@@ -31,6 +32,8 @@ depth h, without questions, and verify it all.
 
 from __future__ import annotations
 
+import numpy as np
+
 from adaspec.spec.acceptance import AcceptanceModel
 from adaspec.spec.adaptation import AdaptationValue
 from adaspec.spec.control import ControlledPolicy
@@ -38,6 +41,7 @@ from adaspec.spec.cost_model import CostModel, StepShape
 from adaspec.spec.decisions import candidate
 from adaspec.spec.efficiency import (
     RESCUE_LOSS,
+    CandidateTokens,
     SLOState,
     choose,
     continuation_grid,
@@ -55,17 +59,19 @@ class AdaSpecPolicy(ControlledPolicy):
     needs_cost_model = True
     VARIANTS = {"adaspec": {}, "adaspec-noslo": {"slo_aware": False},
                 "adaspec-drafter": {"verifier": False, "slo_aware": False},
-                "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True}}
+                "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True},
+                "adaspec-meantpot": {"mean_tpot": True}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
-                 cost_aware_adaptation: bool = True):
+                 cost_aware_adaptation: bool = True, mean_tpot: bool = False):
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
         self.tpot_weighted = tpot_weighted  # tokens valued per request for mean TPOT (efficiency.weighted)
         self._weights: list[float] | None = None
+        self.mean_tpot = mean_tpot  # rank candidates by the batch's mean time per token (see _choose)
         # None: adapt in every step (the paper's drafter and verifier); else measured per batch size
         self.adaptation = AdaptationValue() if cost_aware_adaptation else None
         self._adapting = True  # this step runs keep_drafting and prune
@@ -145,6 +151,14 @@ class AdaSpecPolicy(ControlledPolicy):
         return d
 
     def _choose(self, T, E, tokens_of) -> tuple[int, dict[int, float]]:
+        if self.mean_tpot and isinstance(tokens_of, CandidateTokens):
+            # The goal's metric averages each request's time per token, t / e_i for a step of time t
+            # emitting e_i tokens of request i: rank the candidates by B / (t * sum_i 1 / e_i), i.e.
+            # tokens counted as B / sum(1 / e_i) (their harmonic mean times B), not sum(e_i). A
+            # request's first draft then outweighs another's fourth.
+            rows = tokens_of.rows(list(range(int(np.size(E)))))
+            H = rows.shape[1] / (1.0 / np.maximum(rows, 1e-9)).sum(axis=1)
+            E = H.tolist() if isinstance(E, list) else H.reshape(np.shape(E))
         return choose(T, E, tokens_of, self._slo, self.slo_aware, self.rescue_loss)
 
     # ------------------------------------------------------------------------------ decisions
