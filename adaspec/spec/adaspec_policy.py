@@ -147,6 +147,7 @@ class AdaSpecPolicy(ControlledPolicy):
         if self.slo_aware:
             d["rescue_loss"] = self.rescue_loss
         d["tpot_weighted"] = self.tpot_weighted
+        d["mean_tpot"] = self.mean_tpot
         d["adaptation"] = None if self.adaptation is None else self.adaptation.report()
         return d
 
