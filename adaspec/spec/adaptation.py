@@ -18,9 +18,8 @@ and adapts when gain - 1 > cost / step time. Each mode is still tried now and th
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
-
-from adaspec.spec.cost_model import _median
 
 
 def bucket(batch_size: int) -> int:
@@ -54,8 +53,8 @@ class AdaptationValue:
         b = self._bucket(batch_size)
         if min(len(b.outside[True]), len(b.outside[False]), len(b.gains)) < self.MIN_SAMPLES:
             return None
-        return {"gain": sum(b.gains) / len(b.gains), "step": _median(b.steps),
-                "cost": _median(b.outside[True]) - _median(b.outside[False])}
+        return {"gain": sum(b.gains) / len(b.gains), "step": statistics.median(b.steps),
+                "cost": statistics.median(b.outside[True]) - statistics.median(b.outside[False])}
 
     def preferred(self, batch_size: int) -> bool:
         """The rule alone: adapt unless the measured cost exceeds the predicted gain."""

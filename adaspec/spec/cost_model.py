@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,13 +183,6 @@ def _elementwise(model, batch, tokens_per_seq, context, attn_width=None) -> np.n
     return np.array(t, dtype=float).reshape(b.shape)
 
 
-def _median(values) -> float:
-    """np.median's value (middle one, or the mean of the middle two) without numpy's per-call cost."""
-    v = sorted(values)
-    k = len(v) // 2
-    return float(v[k]) if len(v) % 2 else (v[k - 1] + v[k]) / 2
-
-
 class _Scale:
     """Online multiplicative correction: the median of the last `window` measured/predicted ratios
     (a median, so one outlier step on a shared machine does not skew the next dozens)."""
@@ -201,7 +195,7 @@ class _Scale:
     def update(self, measured: float, predicted: float) -> None:
         if self.window and measured > 0 and predicted > 0:
             self.ratios.append(measured / predicted)
-            self.value = min(20.0, max(0.05, _median(self.ratios)))
+            self.value = min(20.0, max(0.05, statistics.median(self.ratios)))
 
 
 class _WidthScale:
@@ -437,13 +431,13 @@ class CostModel:
         which the next plain step removes)."""
         if forwards and self._plain_seen:
             self._per_forward.append(max(0.0, outside - self.overhead_per_request * rows) / forwards)
-            self.overhead_per_forward = _median(self._per_forward)
+            self.overhead_per_forward = statistics.median(self._per_forward)
             return
         if not forwards and not self._plain_seen:
             self._plain_seen = True
             self._per_request.clear()  # those came from speculating steps
         self._per_request.append(outside / rows)
-        self.overhead_per_request = _median(self._per_request)
+        self.overhead_per_request = statistics.median(self._per_request)
 
     @property
     def observed_steps(self) -> int:
