@@ -13,7 +13,9 @@ measured run gets a freshly built engine around it (engine instances alive side 
 same-shape forwards at different speeds).
 Levels run in order, and within a level the policies take turns (order rotated per --repeats), so
 slow phases of a shared machine fall on all policies alike; the report quotes the per-repeat
-spread.
+spread and, per level, adaspec's mean TPOT over each other policy's repeat by repeat (geometric mean
+with a 95% bootstrap interval: the comparison that drift across repeats does not swamp; pool several
+reports with benchmarks/paired_ratios.py).
 
 Metrics follow vLLM's benchmark: TPOT per request = (E2E - TTFT) / (output tokens - 1); SLO
 attainment = share of requests whose TPOT is within the TPOT SLO (and TTFT within --ttft-slo-ms if
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 
 from adaspec import SamplingParams, __version__
+from adaspec.bench.metrics import paired_ratio
 from adaspec.bench.report import git_commit
 from adaspec.engine.sequence import SLO
 from adaspec.llm import DEFAULT_PAIR, build_engine
@@ -291,6 +294,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def paired_lines(by: dict, c: int, policies: list[str], reference: str = "adaspec") -> list[str]:
+    """The reference policy against each other one, repeat by repeat (`paired_ratio`): the policies
+    take turns within a repeat, so each pair shares the machine's state of those minutes."""
+    ref = by.get((reference, c))
+    if ref is None or len(ref.get("tpot_mean_by_repeat_ms", [])) < 2:
+        return []
+    cells = []
+    for p in policies:
+        other = by.get((p, c))
+        if p == reference or other is None:
+            continue
+        r = paired_ratio(ref["tpot_mean_by_repeat_ms"], other["tpot_mean_by_repeat_ms"])
+        if r is not None:
+            lo, hi = r["ci95"]
+            cells.append(f"{p} {r['geomean']:.2f} ({lo:.2f}-{hi:.2f}; lower in {r['lower']} of {r['pairs']})")
+    return [f"Paired mean TPOT, {reference} / each policy (geometric mean over repeats, 95% bootstrap "
+            f"interval; {reference} lower in w of n repeats): " + "; ".join(cells) + ".", ""] if cells else []
+
+
 def render(res: dict, levels: list[int], policies: list[str]) -> str:
     m = res["meta"]
     lines = ["# Speculation policies under closed-loop load", "", f"Command: `{m['command']}`  ",
@@ -319,6 +341,7 @@ def render(res: dict, levels: list[int], policies: list[str]) -> str:
                          f"{r['acceptance_rate']:.2f} | "
                          f"{r['mean_speculation_length']:.2f} | {r['throughput_tok_s']:.1f} | {err_s} |")
         lines.append("")
+        lines += paired_lines(by, c, policies)
     lines += ["## Acceptance-model calibration (replayed from engine telemetry)", "",
               "| run | verified positions | ECE ours | ECE raw q | Brier ours | Brier raw q |",
               "|---|---|---|---|---|---|"]

@@ -9,6 +9,8 @@
         --acceptance empirical:runs/real/telemetry-static_3.jsonl --no-oracle --output-dir runs/sim
     # 3. the comparison
     python benchmarks/sim_validation.py runs/real runs/sim --out docs/sim_validation
+    # with a second real run of the same workload: the engine against itself, the noise floor
+    python benchmarks/sim_validation.py runs/real runs/sim --repeat runs/real2 --out docs/sim_validation
 
 (The first version timed steps with a start-up profile, `adaspec profile`, plus a per-row overhead
 measured from one policy's telemetry: `--calibrate PROFILE TELEMETRY --out`; it made the replay
@@ -17,7 +19,10 @@ about twice too fast. `benchmarks/telemetry_breakdown.py` shows where the time g
 For every policy and level present in both summaries: mean TPOT, P99 TPOT, output throughput and
 SLO attainment, real vs simulated, the relative error (attainment: absolute difference, since it is
 a share), whether it is within the tolerance (15% by default), and whether the policies rank the
-same way by mean TPOT. Writes OUT.md and OUT.json; every number comes from the two summaries.
+same way by mean TPOT. With `--repeat`, the same figures for the real run against its repeat: on
+this machine two replays of one workload differ by more than 15% in many figures (the machine's
+drift), and a simulation cannot be expected to agree with one real run better than a second real run
+does. Writes OUT.md and OUT.json; every number comes from the summaries.
 """
 
 from __future__ import annotations
@@ -73,22 +78,41 @@ def compare(real: dict, sim: dict, tolerance: float) -> dict:
     return {"rows": rows, "ranking": ranking, "tolerance": tolerance}
 
 
-def render(res: dict, real_meta: dict, sim_meta: dict, args: argparse.Namespace) -> str:
+def summary_line(res: dict) -> str:
+    checks = [m for r in res["rows"] for m in r.values() if isinstance(m, dict)]
+    swapped = ", ".join(str(v["swapped_pairs"]) for v in res["ranking"].values())
+    return (f"{sum(c['within'] for c in checks)} of {len(checks)} figures within tolerance; policy ranking "
+            f"by mean TPOT the same at {sum(v['same'] for v in res['ranking'].values())} of "
+            f"{len(res['ranking'])} levels (pairs swapped per level: {swapped})")
+
+
+def _error(name: str, m: dict) -> str:
+    return f"{m['error']:.2f}" if name == "slo_attainment" else f"{100 * m['error']:.0f}%"
+
+
+def render(res: dict, real_meta: dict, sim_meta: dict, args: argparse.Namespace,
+           floor: dict | None = None) -> str:
+    """The report; `floor`: the real run against its repeat (`compare(real, repeat)`), shown as each
+    figure's repeat error next to the simulation's."""
     tol = res["tolerance"]
-    rows = res["rows"]
-    checks = [m for r in rows for k, m in r.items() if isinstance(m, dict)]
+    again = {(r["policy"], r["level"]): r for r in floor["rows"]} if floor else {}
+    command = f"python benchmarks/sim_validation.py {args.real} {args.sim}"
     lines = ["# Simulator validation: a real replay and its simulation", "",
              f"Real run: `{args.real}` ({real_meta.get('command', '')}).  ",
-             f"Simulation: `{args.sim}` ({sim_meta.get('command', '')}).  ",
-             f"Comparison: `python benchmarks/sim_validation.py {args.real} {args.sim}`. Tolerance "
-             f"{100 * tol:.0f}% relative (SLO attainment: {tol:.2f} absolute).", "",
-             f"**{sum(c['within'] for c in checks)} of {len(checks)} figures within tolerance; "
-             f"policy ranking by mean TPOT the same at "
-             f"{sum(v['same'] for v in res['ranking'].values())} of {len(res['ranking'])} levels.**", "",
-             "| policy | level | " + " | ".join(f"{label} real / sim (err)" for _, label, _ in METRICS)
-             + " |",
-             "|---|---|" + "---|" * len(METRICS)]
-    for r in rows:
+             f"Simulation: `{args.sim}` ({sim_meta.get('command', '')}).  "]
+    if floor:
+        lines.append(f"Repeat of the real run: `{args.repeat}`.  ")
+        command += f" --repeat {args.repeat}"
+    lines += [f"Comparison: `{command}`. Tolerance {100 * tol:.0f}% relative (SLO attainment: {tol:.2f} "
+              "absolute).", "", f"**Simulation against the real run: {summary_line(res)}.**", ""]
+    if floor:
+        lines += [f"**The real run against its repeat (the noise floor): {summary_line(floor)}.**", "",
+                  "Each cell: real / simulated (simulation's error; in brackets, the repeat's error "
+                  "against the same real run).", ""]
+    header = " | ".join(f"{label} real / sim (err)" for _, label, _ in METRICS)
+    lines += [f"| policy | level | {header} |",
+              "|---|---|" + "---|" * len(METRICS)]
+    for r in res["rows"]:
         cells = []
         for name, _, _ in METRICS:
             m = r.get(name)
@@ -96,15 +120,20 @@ def render(res: dict, real_meta: dict, sim_meta: dict, args: argparse.Namespace)
                 cells.append("-")
                 continue
             fmt = "{:.2f}" if name == "slo_attainment" else "{:.1f}"
-            err = f"{m['error']:.2f}" if name == "slo_attainment" else f"{100 * m['error']:.0f}%"
-            flag = "" if m["within"] else " !"
-            cells.append(f"{fmt.format(m['real'])} / {fmt.format(m['sim'])} ({err}{flag})")
+            rep = again.get((r["policy"], r["level"]), {}).get(name)
+            rep = f" [{_error(name, rep)}{'' if rep['within'] else ' !'}]" if rep else ""
+            cells.append(f"{fmt.format(m['real'])} / {fmt.format(m['sim'])} ({_error(name, m)}"
+                         f"{'' if m['within'] else ' !'}){rep}")
         lines.append(f"| {r['policy']} | {r['level']} | " + " | ".join(cells) + " |")
     lines += ["", "Ranking by mean TPOT (best first):", ""]
     for lv, v in res["ranking"].items():
         lines.append(f"- level {lv}: real {', '.join(v['real'])}; simulated {', '.join(v['sim'])}"
                      f" ({'same' if v['same'] else 'different'}: {v['swapped_pairs']} of {v['pairs']} pairs "
                      "swapped)")
+        if floor and lv in floor["ranking"]:
+            f = floor["ranking"][lv]
+            lines.append(f"  - repeat: {', '.join(f['sim'])} ({f['swapped_pairs']} of {f['pairs']} pairs "
+                         "swapped)")
     lines.append("")
     return "\n".join(lines)
 
@@ -133,6 +162,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("real", type=Path, help="results folder of the real run (adaspec bench sweep)")
     ap.add_argument("sim", type=Path, nargs="?", help="results folder of the simulation (adaspec simulate)")
+    ap.add_argument("--repeat", type=Path, help="results folder of a second real run of the same workload")
     ap.add_argument("--tolerance", type=float, default=0.15)
     ap.add_argument("--out", type=Path, default=Path("docs/sim_validation"))
     ap.add_argument("--calibrate", action="store_true",
@@ -149,9 +179,12 @@ def main(argv=None) -> int:
     res = compare(real, sim, a.tolerance)
     if not res["rows"]:
         raise SystemExit("the two runs share no (policy, level)")
+    floor = compare(real, load(a.repeat)[1], a.tolerance) if a.repeat else None
+    if floor is not None:
+        res["repeat"] = floor
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    a.out.with_suffix(".md").write_text(render(res, real_meta, sim_meta, a))
+    a.out.with_suffix(".md").write_text(render(res, real_meta, sim_meta, a, floor))
     print(a.out.with_suffix(".md").read_text())
     return 0
 

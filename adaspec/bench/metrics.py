@@ -87,6 +87,31 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def sign_test(wins: int, n: int) -> float:
+    """Two-sided binomial sign test: the chance of a split at least this uneven under p = 1/2."""
+    if n == 0:
+        return 1.0
+    k = min(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_ratio(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict | None:
+    """A against B measured in pairs (a[i] and b[i] in the same repeat, minutes apart): on a shared
+    machine whose speed drifts by more than the difference between policies, the ratio within each
+    pair cancels most of the drift. Geometric mean of a[i] / b[i], its 95% percentile-bootstrap
+    interval (seeded, so a report is reproducible), the pairs where A was lower, and the sign test.
+    None without a positive pair."""
+    logs = np.log([x / y for x, y in zip(a, b, strict=False) if x > 0 and y > 0])
+    if not logs.size:
+        return None
+    means = np.random.default_rng(seed).choice(logs, size=(resamples, logs.size)).mean(axis=1)
+    wins = int((logs < 0).sum())
+    return {"pairs": int(logs.size), "lower": wins, "geomean": float(np.exp(logs.mean())),
+            "ci95": [float(np.exp(np.percentile(means, 2.5))), float(np.exp(np.percentile(means, 97.5)))],
+            "min": float(np.exp(logs.min())), "max": float(np.exp(logs.max())),
+            "sign_test_p": sign_test(wins, int(logs.size))}
+
+
 def spec_summary(results: list[RequestResult]) -> dict:
     """Acceptance statistics pooled over tokens and averaged over requests, plus per position."""
     st = [r.spec_stats for r in results if r.success and r.spec_stats]
