@@ -95,6 +95,27 @@ def test_no_draft_costs_nothing_to_draft():
     assert cm.predict(StepShape([5, 6], [4, 4], [0, 0], [0, 0])).draft == 0
 
 
+def test_slow_first_drafts_do_not_price_drafting_out_for_good():
+    """Two slow first speculating steps (first-call work) then plain decoding: the draft's own
+    correction needs more evidence than two steps, and one that stopped being fed gives way to the
+    machine's factor (the verification's), so the price of drafting comes back."""
+    cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2, window=10)
+    spec, plain = StepShape([10], [1], [2], [2]), StepShape([10], [1], [0], [0])
+    base = cm.predict(spec)
+    for _ in range(2):
+        cm.observe(spec, 10 * base.draft, base.verify, 10 * base.draft + base.verify)
+    assert cm.draft_factor == pytest.approx(1.0)  # two ratios are not enough evidence
+    cm.observe(spec, 10 * base.draft, base.verify, 10 * base.draft + base.verify)
+    assert cm.draft_factor == pytest.approx(10.0)  # three are
+    for _ in range(20):  # no speculation for 2 * window steps: the draft factor is stale
+        cm.observe(plain, 0.0, 1.5 * cm.predict(plain, corrected=False).verify, 0.02)
+    assert cm.verify_scale.value == pytest.approx(1.5)
+    assert cm.draft_factor == pytest.approx(10.0)
+    cm.observe(plain, 0.0, 1.5 * cm.predict(plain, corrected=False).verify, 0.02)
+    assert cm.draft_factor == pytest.approx(1.5)
+    assert cm.predict(spec).draft == pytest.approx(1.5 * base.draft)
+
+
 def test_online_correction_follows_drift_and_shrugs_off_outliers():
     cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2, window=10)
     shape = StepShape([10, 10], [1, 1], [3, 2], [3, 2])

@@ -418,6 +418,22 @@ def test_smartspec_alpha_is_measured_and_reset():
     assert pol.alpha == 0.65
 
 
+def test_smartspec_speculates_again_after_slow_first_steps():
+    """Session 7's Spec-Bench run: two slow warm-up steps (first-call work, 5-10x the forwards'
+    price) taught smartspec's cost model a huge draft price, and with no further drafting nothing
+    corrected it; it never speculated again. Two steps are not enough evidence now."""
+    pol = SmartSpecPolicy(CostModel.linear(draft_step=1 * MS, verify_step=10 * MS, window=20))
+    for _ in range(2):
+        planned, drafted, _ = drive(pol, BatchView([request("a", cap=3)], 8), lambda i, j: 0.9)
+        k = drafted[0]
+        assert k > 0
+        # drafts took 20x their price, the verification its price; every draft accepted
+        pol.observe(StepOutcome(["a"], [20], [k], [k], [[0.9] * k], k, 20 * k * MS, 10 * MS,
+                                (10 + 20 * k) * MS))
+    assert pol.cost_model.draft_scale.value == pytest.approx(20)
+    assert pol.plan(BatchView([request("a", cap=3)], 8))[0] > 0
+
+
 # ---------------------------------------------------------------------------------- hard limits
 
 

@@ -306,6 +306,7 @@ class CostModel:
         """Forget online corrections (keep the profile)."""
         self.draft_scale = _Scale(self.window)
         self.verify_scale = _WidthScale(self.window)
+        self._steps, self._draft_seen = 0, -(10**9)  # steps observed; the latest that drafted
         self._per_request: deque[float] = deque(maxlen=max(self.window, 1))  # from plain steps
         self._per_forward: deque[float] = deque(maxlen=max(self.window, 1))  # from speculative steps
         self._plain_seen = False
@@ -317,8 +318,20 @@ class CostModel:
     # A forward is (batch, tokens per row, context[, attention width]): tokens per row is the mean
     # under the packed and mean layouts, the attention width the longest row (packed only).
 
+    @property
+    def draft_factor(self) -> float:
+        """The draft's online correction. Only speculating steps teach it, so a policy that stops
+        speculating stops correcting it: two slow first steps (first-call work) once priced a draft
+        at 5x and kept `smartspec` from speculating for a whole run (session 7). So it counts only
+        once it has `_WidthScale.MIN_RATIOS` ratios, and only while a step drafted within the last
+        `2 * window`; otherwise drafts are priced with the verification's shared factor, which
+        every step updates (the machine's speed)."""
+        s = self.draft_scale
+        fresh = self._steps - self._draft_seen <= 2 * max(self.window, 1)
+        return s.value if len(s.ratios) >= _WidthScale.MIN_RATIOS and fresh else self.verify_scale.value
+
     def predict_draft(self, batch_size, tokens_per_seq, context_len, attn_width=None):
-        scale = self.draft_scale.value
+        scale = self.draft_factor
         return self.draft.predict(batch_size, tokens_per_seq, context_len, attn_width) * scale
 
     def predict_verify(self, batch_size, tokens_per_seq, context_len, attn_width=None):
@@ -328,7 +341,7 @@ class CostModel:
     def predict_draft_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None) -> np.ndarray:
         """`predict_draft` elementwise over arrays (same values as scalar calls)."""
         return (_elementwise(self.draft, batch_size, tokens_per_seq, context_len, attn_width)
-                * self.draft_scale.value)
+                * self.draft_factor)
 
     def predict_verify_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None) -> np.ndarray:
         """`predict_verify` elementwise over arrays (same values as scalar calls)."""
@@ -401,7 +414,7 @@ class CostModel:
         if corrected:
             overhead = self.predict_overhead(len(shape.contexts), sum(shape.drafted),
                                              max(shape.drafted, default=0))
-            draft, verify = draft * self.draft_scale.value, verify * self.verify_scale.at(forward[1])
+            draft, verify = draft * self.draft_factor, verify * self.verify_scale.at(forward[1])
         else:
             overhead = self.base_overhead_per_row * (1 + len(shape.contexts) + sum(shape.drafted))
         return StepTime(float(draft), float(verify), float(overhead))
@@ -414,11 +427,13 @@ class CostModel:
         base = self.predict(shape, corrected=False)
         rows, forwards = 1 + len(shape.contexts), max(shape.drafted, default=0)
         width = self.verify_forward(shape)[1]
-        ours = StepTime(base.draft * self.draft_scale.value, base.verify * self.verify_scale.at(width),
+        ours = StepTime(base.draft * self.draft_factor, base.verify * self.verify_scale.at(width),
                         self.predict_overhead(rows - 1, 0, forwards))  # = predict(shape), not predicted twice
         self._errors.append((step_time, ours.total, base.total))
+        self._steps += 1
         if ours.draft > 0 and draft_time > 0:
             self.draft_scale.update(draft_time, base.draft)
+            self._draft_seen = self._steps
         self.verify_scale.update(verify_time, base.verify, width)
         if self.window:
             self._learn_overhead(rows, forwards, max(0.0, step_time - draft_time - verify_time))
@@ -455,7 +470,7 @@ class CostModel:
                 "median_ape": float(np.median(np.abs(rel))), "bias": float(np.mean(rel)),
                 "mape_uncorrected": float(np.mean(np.abs(rel_base))),
                 "bias_uncorrected": float(np.mean(rel_base)),
-                "draft_scale": self.draft_scale.value, "verify_scale": self.verify_scale.value,
+                "draft_scale": self.draft_factor, "verify_scale": self.verify_scale.value,
                 "verify_scale_by_width": self.verify_scale.report(),
                 "overhead_per_request_s": self.overhead_per_request,
                 "overhead_per_forward_s": self.overhead_per_forward}
