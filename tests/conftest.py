@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +69,12 @@ def tiny_pair(tmp_path_factory):
     save_llama(root / "draft", v, tok, seed=1, noise_from=target, noise=0.05)
     save_llama(root / "small", v, tok, hidden=32, layers=1, heads=2, kv_heads=1, seed=2)
     return root / "target", root / "draft", root / "small"
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, for its tests."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,23 +1,18 @@
 """benchmarks/paired_ratios.py: per-repeat ratios pooled over reports, and the sign test."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from adaspec.bench.metrics import paired_ratio, sign_test
-
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "paired_ratios.py"
 
 
 @pytest.fixture(scope="module")
 def paired():
-    spec = importlib.util.spec_from_file_location("paired_ratios", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("paired_ratios")
 
 
 def report(path: Path, prompts: str, by_policy: dict[str, list[float]], c: int = 16) -> Path:

@@ -629,14 +629,10 @@ def test_build_engine_profiles_once_then_reuses(tiny_pair, reference, tmp_path, 
 def test_closed_loop_benchmark_smoke(tiny_pair, tmp_path, monkeypatch):
     """The benchmark script end to end on tiny inputs (not a measurement: just that it runs and
     reports every field)."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
     monkeypatch.setenv("ADASPEC_CACHE_DIR", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "policies_closed_loop.py"
-    spec = importlib.util.spec_from_file_location("policies_closed_loop", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("policies_closed_loop")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question_id": i, "turns": [p]}) + "\n"
                                for i, p in enumerate(PROMPTS[:3])))

@@ -1,21 +1,16 @@
 """benchmarks/sim_validation.py on hand-built summaries: errors, tolerance, ranking and the noise
 floor from a repeat of the real run."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "sim_validation.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def validation():
-    spec = importlib.util.spec_from_file_location("sim_validation", PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("sim_validation")
 
 
 def summary(folder: Path, figures: dict[str, tuple[float, float, float, float]]) -> Path:
