@@ -197,6 +197,15 @@ class _Scale:
             self.ratios.append(measured / predicted)
             self.value = min(20.0, max(0.05, statistics.median(self.ratios)))
 
+    MIN_RATIOS = 3
+
+    def trusted(self, steps_since_latest: int) -> bool:
+        """Enough ratios of its own, the latest within the last 2 * window steps. A correction fed
+        only by some steps (a verification width, drafting) stops being corrected when those steps
+        stop, so a thin or stale one must give way to a factor every step updates: else a slow
+        spell could keep a policy away from those steps for good."""
+        return len(self.ratios) >= self.MIN_RATIOS and steps_since_latest <= 2 * max(self.window, 1)
+
 
 class _WidthScale:
     """The verification's online correction, apart for plain decode forwards (width 1) and
@@ -214,14 +223,12 @@ class _WidthScale:
 
     BUCKETS = (1, 2)  # lower edges: widths 1 | 2+
     EDGES = tuple(b - 0.5 for b in BUCKETS[1:])  # a mean width (unpadded engines) rounds to a bucket
-    MIN_RATIOS = 3
 
     def __init__(self, window: int):
         self.shared = _Scale(window)
         self.buckets = [_Scale(window) for _ in self.BUCKETS]
         self.steps = 0
         self.last = [-(10**9)] * len(self.BUCKETS)  # step of each bucket's latest ratio
-        self.fresh_for = 2 * max(window, 1)
 
     @property
     def value(self) -> float:
@@ -245,9 +252,7 @@ class _WidthScale:
     def at(self, width: float) -> float:
         b = self._bucket(width)
         s = self.buckets[b]
-        if len(s.ratios) >= self.MIN_RATIOS and self.steps - self.last[b] <= self.fresh_for:
-            return s.value
-        return self.shared.value
+        return s.value if s.trusted(self.steps - self.last[b]) else self.shared.value
 
     def grid(self, width) -> np.ndarray:
         """`at` elementwise over an array of widths."""
@@ -323,12 +328,10 @@ class CostModel:
         """The draft's online correction. Only speculating steps teach it, so a policy that stops
         speculating stops correcting it: two slow first steps (first-call work) once priced a draft
         at 5x and kept `smartspec` from speculating for a whole run (session 7). So it counts only
-        once it has `_WidthScale.MIN_RATIOS` ratios, and only while a step drafted within the last
-        `2 * window`; otherwise drafts are priced with the verification's shared factor, which
-        every step updates (the machine's speed)."""
+        while `_Scale.trusted`; otherwise drafts are priced with the verification's shared factor,
+        which every step updates (the machine's speed)."""
         s = self.draft_scale
-        fresh = self._steps - self._draft_seen <= 2 * max(self.window, 1)
-        return s.value if len(s.ratios) >= _WidthScale.MIN_RATIOS and fresh else self.verify_scale.value
+        return s.value if s.trusted(self._steps - self._draft_seen) else self.verify_scale.value
 
     def predict_draft(self, batch_size, tokens_per_seq, context_len, attn_width=None):
         scale = self.draft_factor
