@@ -46,7 +46,13 @@ from adaspec.bench.metrics import paired_ratio
 from adaspec.bench.report import git_commit
 from adaspec.engine.sequence import SLO
 from adaspec.llm import DEFAULT_PAIR, build_engine
-from adaspec.spec.acceptance import measure_calibration, outcomes_from_telemetry
+from adaspec.spec.acceptance import (
+    AcceptanceModel,
+    lookahead_by_rank,
+    measure_calibration,
+    outcomes_from_telemetry,
+)
+from adaspec.spec.adaspec_policy import PLAN_PRIOR_WEIGHT
 from adaspec.spec.decisions import compact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,8 +274,12 @@ def main(argv=None) -> int:
     extra: dict = {}
     for name, policy in policy_objs.items():
         cm = getattr(policy, "cost_model", None)
-        extra[name] = {"calibration_from_telemetry": measure_calibration(
-            outcomes_from_telemetry(telemetry[name]))}
+        outcomes = outcomes_from_telemetry(telemetry[name])
+        extra[name] = {"calibration_from_telemetry": measure_calibration(outcomes)}
+        if name.startswith("static:"):  # every request verifies drafts in every step: the look-ahead's test
+            extra[name]["lookahead_by_rank"] = {
+                f"{w:g}": lookahead_by_rank(outcomes, min_batch=8, weight=w)
+                for w in (AcceptanceModel().unseen_prior_weight, PLAN_PRIOR_WEIGHT)}
         if hasattr(policy, "describe"):
             extra[name]["policy"] = {k: v for k, v in policy.describe().items() if k != "cost_model"}
         if cm is not None:
@@ -351,6 +361,19 @@ def render(res: dict, levels: list[int], policies: list[str]) -> str:
             o, r = cal["ours"], cal["raw_draft_probability"]
             lines.append(f"| {p} | {o['n']} | {o['ece']:.3f} | {r['ece']:.3f} | {o['brier']:.3f} | "
                          f"{r['brier']:.3f} |")
+    ranks = {(p, w): gs for p in policies
+             for w, gs in (res["per_policy"].get(p, {}).get("lookahead_by_rank") or {}).items() if gs}
+    if ranks:
+        lines += ["", "Look-ahead acceptance by rank (`adaspec.spec.acceptance.lookahead_by_rank`): steps at "
+                  "batch >= 8 of a static policy, requests ranked within each step by the accepted tokens "
+                  "the look-ahead predicts for their drafts, in fifths (0: most confident); predicted / "
+                  "accepted per request-step, with the look-ahead's prior weight (4: keep_drafting's, "
+                  f"{PLAN_PRIOR_WEIGHT:g}: the plan's). The plan leaves out the bottom of this ranking.", "",
+                  "| run | weight | " + " | ".join(f"group {g['group']}" for g in next(iter(ranks.values())))
+                  + " |", "|---|---|" + "---|" * len(next(iter(ranks.values())))]
+        for (p, w), gs in ranks.items():
+            cells = " | ".join(f"{g['predicted']:.2f} / {g['accepted']:.2f}" for g in gs)
+            lines.append(f"| {p} | {w} | {cells} |")
     lines += ["", "Step-time error: mean absolute relative error of the online cost model's predicted "
               "step time against the measured one, over that level's steps. Speedup: TPOT of no "
               "speculation over the policy's, at the same concurrency.", ""]

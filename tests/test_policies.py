@@ -511,6 +511,50 @@ def test_request_history_follows_the_request():
     assert "stubborn" not in model.requests  # finished requests are forgotten
 
 
+
+def _static_steps(rates, steps=400, k=3, life=20, seed=0):
+    """Telemetry-like steps of a static:k run: request slot i accepts each draft with rates[i]
+    (i.i.d.), and is replaced by a new request every `life` steps."""
+    import random
+    from types import SimpleNamespace
+
+    rng = random.Random(seed)
+    out = []
+    for t in range(steps):
+        ids = [f"{i}-{(t + 3 * i) // life}" for i in range(len(rates))]
+        acc = []
+        for r in rates:
+            a = 0
+            while a < k and rng.random() < r:
+                a += 1
+            acc.append(a)
+        out.append(SimpleNamespace(request_ids=ids, confidences=[[0.5] * k for _ in rates], accepted=acc))
+    return out
+
+
+def test_lookahead_by_rank_shows_regression_to_the_mean():
+    """Requests alike: ranking them by their short histories picks noise, so the top fifth is
+    over-predicted and the bottom under-predicted; shrinking harder to the global rate narrows that."""
+    from adaspec.spec.acceptance import lookahead_by_rank
+
+    steps = _static_steps([0.7] * 20)
+    weak = lookahead_by_rank(steps, AcceptanceModel(unseen_prior_weight=1.0))
+    strong = lookahead_by_rank(steps, AcceptanceModel(unseen_prior_weight=64.0))
+    assert [g["group"] for g in weak] == [0, 1, 2, 3, 4] and sum(g["n"] for g in weak) == 20 * 400
+    top, bottom = weak[0], weak[-1]
+    assert abs(top["accepted"] - bottom["accepted"]) < 0.15  # alike in truth
+    assert top["predicted"] > top["accepted"] + 0.1 and bottom["predicted"] < bottom["accepted"] - 0.1
+    spread = lambda gs: gs[0]["predicted"] - gs[-1]["predicted"]  # noqa: E731
+    assert spread(strong) < spread(weak) / 2
+
+
+def test_lookahead_by_rank_ranks_real_differences():
+    from adaspec.spec.acceptance import lookahead_by_rank
+
+    gs = lookahead_by_rank(_static_steps([0.9] * 5 + [0.2] * 5), groups=2)
+    assert gs[0]["accepted"] > 2 > 0.5 > gs[1]["accepted"]
+    assert gs[0]["predicted"] > gs[1]["predicted"] + 1
+
 # ---------------------------------------------------------------------------------- in the engine
 
 PROMPTS = ["def add(a, b):", "class Point:", "for i in range(10):", "import os\nimport sys",
@@ -607,7 +651,10 @@ def test_calibration_on_tiny_pair_from_telemetry(tiny_pair, tmp_path):
     from adaspec.spec.acceptance import calibration_from_jsonl
 
     spec.engine.export_telemetry(tmp_path / "t.jsonl")
-    assert calibration_from_jsonl(tmp_path / "t.jsonl") == rep
+    from_file = calibration_from_jsonl(tmp_path / "t.jsonl")
+    ranks = from_file.pop("lookahead_by_rank")
+    assert from_file == rep
+    assert sum(g["n"] for g in ranks) > 0
 
 
 @pytest.mark.slow
@@ -657,3 +704,24 @@ def test_closed_loop_benchmark_smoke(tiny_pair, tmp_path, monkeypatch):
     md = out.with_suffix(".md").read_text()
     assert "## Concurrency 2" in md and "| adaspec |" in md and "calibration" in md
     assert (tmp_path / "dec" / "adaspec.jsonl").exists()
+
+
+def test_plan_counterfactual_alternates_adaspec_and_a_fixed_depth(tiny_pair, tmp_path):
+    """Every other decode step runs static:k's plan (depth k for all); each step records the grid's
+    predictions for both plans and what it measured."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("plan_counterfactual")
+    target, draft, _ = tiny_pair
+    out = tmp_path / "pc"
+    assert bench.main(["--model", str(target), "--draft-model", str(draft), "--concurrency", "3",
+                       "--repeats", "1", "--max-tokens", "12", "--depth", "2",
+                       "--num-speculative-tokens", "4",
+                       "--max-model-len", "128", "--tpot-slo-ms", "1000", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    recs = res["records"]
+    assert {r["forced"] for r in recs} == {True, False}
+    # a forced step verifies depth 2 for every request (where the requests' caps allow it)
+    assert any(r["forced"] and r["verified"] == 2 * r["batch"] for r in recs)
+    assert all(r["emitted"] >= r["batch"] and r["fixed_time"] > 0 for r in recs)
+    assert "forced" in res["summary"]["3"] and out.with_suffix(".md").exists()

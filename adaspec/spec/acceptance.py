@@ -14,7 +14,9 @@ Three parts, each simple enough to trust:
    (accepted + m) / (expected + m), where "expected" sums the calibrated predictions that were
    tested. A request that keeps getting rejected sees its odds shrink, and keeps being expected to.
 3. For a token not drafted yet (look-ahead), the request's own acceptance rate, shrunk towards the
-   global rate at that position (prior 0.6, as in the paper's reference).
+   global rate at that position (prior 0.6, as in the paper's reference) with the weight of
+   `unseen_prior_weight` tested tokens (4). A caller that *ranks* requests by it passes a heavier
+   weight to `unseen_table` (the plan: `AdaSpecPolicy.plan_prior_weight`), see there.
 
 `CalibrationScore` measures it: expected calibration error and Brier score, scored prequentially
 (each prediction before its outcome is learned), for our estimate and for the raw q;
@@ -140,28 +142,40 @@ class AcceptanceModel:
         w = self.unseen_prior_weight
         return (g.accepted + w * self.unseen_prior) / (g.tested + w)
 
-    def _unseen(self, rate: _Rate | None, global_rate: float) -> float:
+    def _unseen(self, rate: _Rate | None, global_rate: float, weight: float | None = None) -> float:
         if rate is None:
             return _prob(_odds(global_rate))
-        w = self.unseen_prior_weight
+        w = self.unseen_prior_weight if weight is None else weight
         return _prob(_odds((rate.accepted + w * global_rate) / (rate.tested + w)))
 
     def predict_unseen(self, request_id: str, position: int) -> float:
         """Conditional acceptance of a token not drafted yet (used to look ahead)."""
         return self._unseen(self.request_rates.get(request_id), self._global_rate(position))
 
-    def unseen_table(self, request_ids: list[str], positions: int) -> list[list[float]]:
+    def unseen_table(self, request_ids: list[str], positions: int,
+                     weight: float | None = None) -> list[list[float]]:
         """`predict_unseen` for every request and positions 0..positions-1, as one numpy evaluation
         with the same arithmetic (identical values); per call for a request or two, or if a subclass
-        redefines predict_unseen."""
-        if type(self).predict_unseen is not AcceptanceModel.predict_unseen or len(request_ids) <= 2:
+        redefines predict_unseen (then `weight` is its business and is not passed).
+
+        `weight` (default `unseen_prior_weight`) is how many tested tokens the global rate counts
+        for against the request's own. Choosing the top few of many requests by their look-ahead
+        picks, besides the truly better ones, those whose short history was lucky (the winner's
+        curse): measured on the embedded pair's static:3 telemetry with weight 4
+        (`lookahead_by_rank`), the top fifth of a step's ranking accepted 2.24 tokens where 2.36
+        were predicted and the bottom fifth 1.72 where 1.49 were; with 16, 2.24 / 2.24 and
+        1.75 / 1.62 (docs/policies.md, session 8)."""
+        if type(self).predict_unseen is not AcceptanceModel.predict_unseen:
             return [[self.predict_unseen(rid, j) for j in range(positions)] for rid in request_ids]
+        if len(request_ids) <= 2:
+            return [[self._unseen(self.request_rates.get(rid), self._global_rate(j), weight)
+                     for j in range(positions)] for rid in request_ids]
         g = np.array([self._global_rate(j) for j in range(positions)], dtype=float)[None, :]
         rates = [self.request_rates.get(rid) for rid in request_ids]
         acc = np.array([r.accepted if r else 0.0 for r in rates], dtype=float)[:, None]
         tested = np.array([r.tested if r else 0.0 for r in rates], dtype=float)[:, None]
         seen = np.array([r is not None for r in rates], dtype=bool)[:, None]
-        w = self.unseen_prior_weight
+        w = self.unseen_prior_weight if weight is None else weight
         p = np.where(seen, (acc + w * g) / (tested + w), g)
         p = np.clip(p, EPS, 1 - EPS)  # _prob(_odds(p)), elementwise
         odds = p / (1 - p)
@@ -270,6 +284,42 @@ def measure_calibration(steps: Iterable, model: AcceptanceModel | None = None) -
     return model.report()
 
 
+def lookahead_by_rank(steps: Iterable, model: AcceptanceModel | None = None, groups: int = 5,
+                      min_batch: int = 2, weight: float | None = None) -> list[dict]:
+    """Calibration of the look-ahead (`unseen_table`) where the plan uses it: to rank requests.
+
+    Per step (batch >= `min_batch`, every request verified at least one draft: a static policy's
+    telemetry), each request's predicted accepted tokens over the drafts it verified, from the
+    look-ahead before the step, against what it accepted; requests ranked within the step by the
+    prediction and pooled by rank group (0: most confident). A plan that drafts for its top m
+    requests leaves out the bottom ones: if the bottom group is under-predicted and the top one
+    over-predicted (regression to the mean), leaving requests out looks cheaper than it is.
+    `weight`: the look-ahead's prior weight (`unseen_table`). Prequential, as `measure_calibration`:
+    every step is predicted before it is learned."""
+    model = model or AcceptanceModel()
+    out = [{"group": g, "n": 0, "predicted": 0.0, "accepted": 0.0} for g in range(groups)]
+    for s in steps:
+        ids, confs = list(s.request_ids), [list(c) for c in s.confidences]
+        model.forget_except(ids)  # as the policies do at each step
+        if len(ids) >= min_batch and all(confs):
+            pred = []
+            for row, c in zip(model.unseen_table(ids, max(map(len, confs)), weight), confs, strict=True):
+                p, e = 1.0, 0.0
+                for j in range(len(c)):
+                    p *= row[j]
+                    e += p
+                pred.append(e)
+            for rank, i in enumerate(sorted(range(len(ids)), key=lambda i: -pred[i])):
+                g = out[groups * rank // len(ids)]
+                g["n"] += 1
+                g["predicted"] += pred[i]
+                g["accepted"] += min(int(s.accepted[i]), len(confs[i]))
+        model.observe_step(ids, confs, list(s.accepted))
+    return [{**g, "predicted": round(g["predicted"] / g["n"], 4),
+             "accepted": round(g["accepted"] / g["n"], 4)}
+            for g in out if g["n"]]
+
+
 @dataclass
 class _TelemetryStep:
     request_ids: list[str]
@@ -284,20 +334,28 @@ def outcomes_from_telemetry(records: Iterable) -> list[_TelemetryStep]:
             for rec in records if rec.kind == "decode"]
 
 
-def calibration_from_jsonl(path: str) -> dict:
-    """Calibration report from a telemetry file written by `LLMEngine.export_telemetry`."""
+def calibration_from_jsonl(path: str, weight: float | None = None, **model_kw) -> dict:
+    """Calibration report from a telemetry file written by `LLMEngine.export_telemetry`: the
+    per-token scores, and the look-ahead's calibration by rank (`lookahead_by_rank`, with prior
+    `weight`)."""
     import json
     from types import SimpleNamespace
 
     with open(path) as f:
         records = [SimpleNamespace(**json.loads(line)) for line in f if line.strip()]
-    return measure_calibration(outcomes_from_telemetry(records))
+    steps = outcomes_from_telemetry(records)
+    report = measure_calibration(steps, AcceptanceModel(**model_kw))
+    report["lookahead_by_rank"] = lookahead_by_rank(steps, AcceptanceModel(**model_kw), weight=weight)
+    return report
 
 
-if __name__ == "__main__":  # python -m adaspec.spec.acceptance telemetry.jsonl
+if __name__ == "__main__":  # python -m adaspec.spec.acceptance telemetry.jsonl [--weight W]
+    import argparse
     import json
-    import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m adaspec.spec.acceptance TELEMETRY.jsonl")
-    print(json.dumps(calibration_from_jsonl(sys.argv[1]), indent=1))
+    ap = argparse.ArgumentParser(description="Calibration of the acceptance model, from engine telemetry.")
+    ap.add_argument("telemetry")
+    ap.add_argument("--weight", type=float, default=None,
+                    help="look-ahead prior weight for the ranking table (default: the model's)")
+    a = ap.parse_args()
+    print(json.dumps(calibration_from_jsonl(a.telemetry, a.weight), indent=1))

@@ -2,7 +2,8 @@
 
 Per step (see `efficiency.py` for the model and the choice rule):
 - plan: weigh every (depth h, top-m requests) candidate with look-ahead acceptance predictions
-  against no speculation; skip speculation unless some candidate is predicted to pay. The chosen
+  (shrunk harder to the global rate than keep_drafting's: PLAN_PRIOR_WEIGHT) against no
+  speculation; skip speculation unless some candidate is predicted to pay. The chosen
   requests may draft up to their cap; how far they go is decided token by token. The draft's
   catch-up after steps without speculation is a debt that any later speculation must pay too, and
   it grows while we wait; the plan charges only the catch-up of steady speculation (STEADY_LAG
@@ -52,6 +53,12 @@ from adaspec.spec.efficiency import (
 from adaspec.spec.policy import BatchView, StepOutcome, fit_limits
 
 STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft + bonus token)
+# The plan's look-ahead counts the global acceptance rate as this many tested tokens against each
+# request's own history (the acceptance model's default, 4, serves keep_drafting). The plan picks its
+# top m requests by it, and with 4 it took a short history's luck for a better request: see
+# `AcceptanceModel.unseen_table`. Side by side (docs/policies.md, session 8), 16 in the plan and in
+# keep_drafting was 9% faster at built-in c=16 but 8% slower at Spec-Bench c=4.
+PLAN_PRIOR_WEIGHT = 16.0
 
 
 class AdaSpecPolicy(ControlledPolicy):
@@ -65,13 +72,15 @@ class AdaSpecPolicy(ControlledPolicy):
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
-                 cost_aware_adaptation: bool = True, mean_tpot: bool = False):
+                 cost_aware_adaptation: bool = True, mean_tpot: bool = False,
+                 plan_prior_weight: float | None = PLAN_PRIOR_WEIGHT):
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
         self.tpot_weighted = tpot_weighted  # tokens valued per request for mean TPOT (efficiency.weighted)
         self._weights: list[float] | None = None
         self.mean_tpot = mean_tpot  # rank candidates by the batch's mean time per token (see _choose)
+        self.plan_prior_weight = plan_prior_weight  # None: the acceptance model's own weight
         # None: adapt in every step (the paper's drafter and verifier); else measured per batch size
         self.adaptation = AdaptationValue() if cost_aware_adaptation else None
         self._adapting = True  # this step runs keep_drafting and prune
@@ -148,6 +157,7 @@ class AdaSpecPolicy(ControlledPolicy):
             d["rescue_loss"] = self.rescue_loss
         d["tpot_weighted"] = self.tpot_weighted
         d["mean_tpot"] = self.mean_tpot
+        d["plan_prior_weight"] = self.plan_prior_weight
         d["adaptation"] = None if self.adaptation is None else self.adaptation.report()
         return d
 
@@ -174,8 +184,12 @@ class AdaSpecPolicy(ControlledPolicy):
         self._forwards = (None, [], [])
         self._planned = [0] * len(reqs)
         K = max((r.max_draft for r in reqs), default=0)
-        # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K)
-        self._unseen = self.acceptance.unseen_table([r.request_id for r in reqs], K + 1)
+        # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K); the
+        # plan's own, which ranks the requests, shrunk harder to the global rate (PLAN_PRIOR_WEIGHT)
+        ids = [r.request_id for r in reqs]
+        self._unseen = self.acceptance.unseen_table(ids, K + 1)
+        ranked = (self._unseen if self.plan_prior_weight is None
+                  else self.acceptance.unseen_table(ids, K, self.plan_prior_weight))
         cont = [i for i, r in enumerate(reqs) if r.max_draft > 0]
         if not cont:
             self.log.add("plan", [], "no request may draft")
@@ -183,7 +197,7 @@ class AdaSpecPolicy(ControlledPolicy):
         n = len(reqs)
         T, E, order, tokens_of = continuation_grid(
             self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
-            [self._unseen[i][:reqs[i].max_draft] for i in cont],
+            [ranked[i][:reqs[i].max_draft] for i in cont],
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
         choice, checks = self._choose(T, E, tokens_of)
         h, m = divmod(choice, T.shape[1])
