@@ -47,12 +47,11 @@ from adaspec.bench.report import git_commit
 from adaspec.engine.sequence import SLO
 from adaspec.llm import DEFAULT_PAIR, build_engine
 from adaspec.spec.acceptance import (
-    AcceptanceModel,
+    RANK_WEIGHTS,
     lookahead_by_rank,
     measure_calibration,
     outcomes_from_telemetry,
 )
-from adaspec.spec.adaspec_policy import PLAN_PRIOR_WEIGHT
 from adaspec.spec.decisions import compact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,8 +277,7 @@ def main(argv=None) -> int:
         extra[name] = {"calibration_from_telemetry": measure_calibration(outcomes)}
         if name.startswith("static:"):  # every request verifies drafts in every step: the look-ahead's test
             extra[name]["lookahead_by_rank"] = {
-                f"{w:g}": lookahead_by_rank(outcomes, min_batch=8, weight=w)
-                for w in (AcceptanceModel().unseen_prior_weight, PLAN_PRIOR_WEIGHT)}
+                f"{w:g}": lookahead_by_rank(outcomes, min_batch=8, weight=w) for w in RANK_WEIGHTS}
         if hasattr(policy, "describe"):
             extra[name]["policy"] = {k: v for k, v in policy.describe().items() if k != "cost_model"}
         if cm is not None:
@@ -367,8 +365,8 @@ def render(res: dict, levels: list[int], policies: list[str]) -> str:
         lines += ["", "Look-ahead acceptance by rank (`adaspec.spec.acceptance.lookahead_by_rank`): steps at "
                   "batch >= 8 of a static policy, requests ranked within each step by the accepted tokens "
                   "the look-ahead predicts for their drafts, in fifths (0: most confident); predicted / "
-                  "accepted per request-step, with the look-ahead's prior weight (4: keep_drafting's, "
-                  f"{PLAN_PRIOR_WEIGHT:g}: the plan's). The plan leaves out the bottom of this ranking.", "",
+                  "accepted per request-step, for each prior weight the plan's look-ahead may learn to use "
+                  "(`AcceptanceModel.rank_weight`). The plan leaves out the bottom of this ranking.", "",
                   "| run | weight | " + " | ".join(f"group {g['group']}" for g in next(iter(ranks.values())))
                   + " |", "|---|---|" + "---|" * len(next(iter(ranks.values())))]
         for (p, w), gs in ranks.items():

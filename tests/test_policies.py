@@ -548,6 +548,44 @@ def test_lookahead_by_rank_shows_regression_to_the_mean():
     assert spread(strong) < spread(weak) / 2
 
 
+def test_rank_weight_is_learned_from_the_lookaheads_errors():
+    """Alike requests: the heaviest shrinkage predicts best; requests that truly differ: the lightest.
+    Until enough request-steps are scored, the model's own weight."""
+    def learned(steps):
+        model = AcceptanceModel()
+        for s in steps:
+            model.forget_except(s.request_ids)
+            model.observe_step(s.request_ids, s.confidences, s.accepted)
+        return model
+
+    assert AcceptanceModel().rank_weight() == AcceptanceModel().unseen_prior_weight
+    alike = learned(_static_steps([0.7] * 20))
+    assert alike.rank_weight() == max(alike.rank_weights)
+    differ = learned(_static_steps([0.95] * 5 + [0.3] * 5, life=40))
+    assert differ.rank_weight() == min(differ.rank_weights)
+    assert differ.report()["rank_weight"] == differ.rank_weight()
+
+
+def test_plan_ranks_with_the_learned_weight():
+    """The plan's look-ahead uses `rank_weight` unless the policy fixes one."""
+    seen = []
+
+    class Spy(AcceptanceModel):
+        def unseen_table(self, request_ids, positions, weight=None):
+            seen.append(weight)
+            return super().unseen_table(request_ids, positions, weight)
+
+    model = Spy()
+    model.rank_scored, model.rank_errors = 10_000, np.array([3.0, 2.0, 1.0, 4.0])  # 16 has erred least
+    cost = CostModel.linear(draft_step=0.0, verify_step=10 * MS)
+    batch = lambda: BatchView([request(r) for r in "abcd"], 8)  # noqa: E731
+    AdaSpecPolicy(cost, acceptance=model).plan(batch())
+    assert 16.0 in seen
+    seen.clear()
+    AdaSpecPolicy(cost, acceptance=model, plan_prior_weight=8.0).plan(batch())
+    assert 8.0 in seen and 16.0 not in seen
+
+
 def test_lookahead_by_rank_ranks_real_differences():
     from adaspec.spec.acceptance import lookahead_by_rank
 

@@ -15,8 +15,8 @@ Three parts, each simple enough to trust:
    tested. A request that keeps getting rejected sees its odds shrink, and keeps being expected to.
 3. For a token not drafted yet (look-ahead), the request's own acceptance rate, shrunk towards the
    global rate at that position (prior 0.6, as in the paper's reference) with the weight of
-   `unseen_prior_weight` tested tokens (4). A caller that *ranks* requests by it passes a heavier
-   weight to `unseen_table` (the plan: `AdaSpecPolicy.plan_prior_weight`), see there.
+   `unseen_prior_weight` tested tokens (4). The plan, which *ranks* requests by it, uses the weight
+   whose predictions have erred least so far (`rank_weight`).
 
 `CalibrationScore` measures it: expected calibration error and Brier score, scored prequentially
 (each prediction before its outcome is learned), for our estimate and for the raw q;
@@ -72,10 +72,16 @@ class _Rate:
     tested: float = 0.0
 
 
+RANK_WEIGHTS = (4.0, 8.0, 16.0, 32.0)  # prior weights `rank_weight` chooses among
+RANK_DECAY = 0.999  # per scored step: the choice follows a workload that changes (half-life ~700 steps)
+RANK_MIN_SCORED = 64  # request-steps scored before the choice departs from unseen_prior_weight
+
+
 class AcceptanceModel:
     def __init__(self, bins: int = 10, calibration_prior: float = 3.0, position_prior: float = 20.0,
                  request_prior: float = 4.0, unseen_prior: float = 0.6, unseen_prior_weight: float = 4.0,
-                 max_position: int = 16, min_evidence: int = 20):
+                 max_position: int = 16, min_evidence: int = 20,
+                 rank_weights: tuple[float, ...] = RANK_WEIGHTS):
         self.bins = bins
         self.calibration_prior = calibration_prior
         self.position_prior = position_prior
@@ -84,6 +90,7 @@ class AcceptanceModel:
         self.unseen_prior_weight = unseen_prior_weight
         self.max_position = max_position
         self.min_evidence = min_evidence
+        self.rank_weights = tuple(rank_weights)
         self.reset()
 
     def reset(self) -> None:
@@ -97,6 +104,8 @@ class AcceptanceModel:
         self.ours = CalibrationScore()
         self.raw = CalibrationScore()
         self._memo: dict[tuple[str, float, int], float] = {}
+        self.rank_errors = np.zeros(len(self.rank_weights))  # decayed squared errors, per weight
+        self.rank_scored = 0  # request-steps scored
 
     # ------------------------------------------------------------------------------ predictions
 
@@ -170,16 +179,53 @@ class AcceptanceModel:
         if len(request_ids) <= 2:
             return [[self._unseen(self.request_rates.get(rid), self._global_rate(j), weight)
                      for j in range(positions)] for rid in request_ids]
-        g = np.array([self._global_rate(j) for j in range(positions)], dtype=float)[None, :]
-        rates = [self.request_rates.get(rid) for rid in request_ids]
-        acc = np.array([r.accepted if r else 0.0 for r in rates], dtype=float)[:, None]
-        tested = np.array([r.tested if r else 0.0 for r in rates], dtype=float)[:, None]
-        seen = np.array([r is not None for r in rates], dtype=bool)[:, None]
         w = self.unseen_prior_weight if weight is None else weight
+        return self._unseen_array(request_ids, positions, np.array([w], dtype=float))[0].tolist()
+
+    def _unseen_array(self, request_ids: list[str], positions: int, weights: np.ndarray) -> np.ndarray:
+        """[weights, requests, positions] look-ahead acceptances, `_unseen`'s arithmetic elementwise."""
+        g = np.array([self._global_rate(j) for j in range(positions)], dtype=float)[None, None, :]
+        rates = [self.request_rates.get(rid) for rid in request_ids]
+        acc = np.array([r.accepted if r else 0.0 for r in rates], dtype=float)[None, :, None]
+        tested = np.array([r.tested if r else 0.0 for r in rates], dtype=float)[None, :, None]
+        seen = np.array([r is not None for r in rates], dtype=bool)[None, :, None]
+        w = weights[:, None, None]
         p = np.where(seen, (acc + w * g) / (tested + w), g)
         p = np.clip(p, EPS, 1 - EPS)  # _prob(_odds(p)), elementwise
         odds = p / (1 - p)
-        return np.clip(odds / (1 + odds), EPS, 1 - EPS).tolist()
+        return np.clip(odds / (1 + odds), EPS, 1 - EPS)
+
+    def rank_weight(self) -> float:
+        """The prior weight for a look-ahead that ranks requests (the plan's): of `rank_weights`, the
+        one whose look-ahead has predicted the accepted tokens of verified drafts best so far
+        (decayed squared error, each step scored before it is learned), `unseen_prior_weight` until
+        RANK_MIN_SCORED request-steps are scored.
+
+        Why learned: the right weight is a property of the workload, how much requests really differ
+        against how noisy a short history is. On the embedded pair's static:3 telemetry
+        (`lookahead_by_rank`), weight 4 ranked the built-in prompts with too wide a spread (top fifth
+        2.36 tokens predicted / 2.24 accepted, bottom 1.49 / 1.72), 16-32 fitted them; the Spec-Bench
+        prompts, which differ more, were fitted best by 8 (docs/policies.md, session 8)."""
+        if self.rank_scored < RANK_MIN_SCORED:
+            return self.unseen_prior_weight
+        return self.rank_weights[int(np.argmin(self.rank_errors))]
+
+    def _score_rank_weights(self, request_ids: list[str], confidences: list[list[float]],
+                            accepted: list[int]) -> None:
+        """Add each weight's squared error on this step's accepted tokens (requests that verified
+        drafts; predictions from the state before the step, as the plan made them)."""
+        n = np.array([len(c) for c in confidences])
+        rows = n > 0
+        if not self.rank_weights or not rows.any():
+            return
+        ids = [rid for rid, r in zip(request_ids, rows, strict=True) if r]
+        n = n[rows]
+        table = self._unseen_array(ids, int(n.max()), np.array(self.rank_weights, dtype=float))
+        within = np.arange(int(n.max()))[None, :] < n[:, None]
+        predicted = (np.cumprod(table, axis=2) * within).sum(axis=2)  # [weights, requests]
+        real = np.minimum(np.array(accepted)[rows], n)
+        self.rank_errors = self.rank_errors * RANK_DECAY + ((predicted - real) ** 2).sum(axis=1)
+        self.rank_scored += len(ids)
 
     # ------------------------------------------------------------------------------ learning
 
@@ -192,6 +238,7 @@ class AcceptanceModel:
         """Learn from one verification step of a batch. Every prediction is scored before any of the
         step's outcomes is learned (they were all made before it), and the calibration curve is
         rebuilt once per step, not once per request."""
+        self._score_rank_weights(request_ids, confidences, accepted)
         # positions past the first rejection were never tested and teach nothing
         tested = [list(c[:a + 1]) for c, a in zip(confidences, accepted, strict=True)]
         preds = [[self.predict(rid, q, j) for j, q in enumerate(t)]
@@ -232,11 +279,13 @@ class AcceptanceModel:
                 del d[rid]
 
     def report(self) -> dict:
-        """Prequential calibration scores, ours vs the raw draft probability, and the learned curve
-        (acceptance at each bin centre of q)."""
+        """Prequential calibration scores, ours vs the raw draft probability, the learned curve
+        (acceptance at each bin centre of q), and the ranking look-ahead's weight and errors."""
         curve = [float(self.calibrated((b + 0.5) / self.bins)) for b in range(self.bins)]
         return {"ours": self.ours.report(), "raw_draft_probability": self.raw.report(),
-                "curve": [round(v, 4) for v in curve]}
+                "curve": [round(v, 4) for v in curve], "rank_weight": self.rank_weight(),
+                "rank_errors": {f"{w:g}": round(float(e), 3)
+                                for w, e in zip(self.rank_weights, self.rank_errors, strict=True)}}
 
 
 @dataclass

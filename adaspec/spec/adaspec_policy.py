@@ -2,7 +2,7 @@
 
 Per step (see `efficiency.py` for the model and the choice rule):
 - plan: weigh every (depth h, top-m requests) candidate with look-ahead acceptance predictions
-  (shrunk harder to the global rate than keep_drafting's: PLAN_PRIOR_WEIGHT) against no
+  (with the prior weight that has predicted best: `AcceptanceModel.rank_weight`) against no
   speculation; skip speculation unless some candidate is predicted to pay. The chosen
   requests may draft up to their cap; how far they go is decided token by token. The draft's
   catch-up after steps without speculation is a debt that any later speculation must pay too, and
@@ -53,12 +53,7 @@ from adaspec.spec.efficiency import (
 from adaspec.spec.policy import BatchView, StepOutcome, fit_limits
 
 STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft + bonus token)
-# The plan's look-ahead counts the global acceptance rate as this many tested tokens against each
-# request's own history (the acceptance model's default, 4, serves keep_drafting). The plan picks its
-# top m requests by it, and with 4 it took a short history's luck for a better request: see
-# `AcceptanceModel.unseen_table`. Side by side (docs/policies.md, session 8), 16 in the plan and in
-# keep_drafting was 9% faster at built-in c=16 but 8% slower at Spec-Bench c=4.
-PLAN_PRIOR_WEIGHT = 16.0
+
 
 
 class AdaSpecPolicy(ControlledPolicy):
@@ -73,14 +68,17 @@ class AdaSpecPolicy(ControlledPolicy):
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
-                 plan_prior_weight: float | None = PLAN_PRIOR_WEIGHT):
+                 plan_prior_weight: float | None = None):
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
         self.tpot_weighted = tpot_weighted  # tokens valued per request for mean TPOT (efficiency.weighted)
         self._weights: list[float] | None = None
         self.mean_tpot = mean_tpot  # rank candidates by the batch's mean time per token (see _choose)
-        self.plan_prior_weight = plan_prior_weight  # None: the acceptance model's own weight
+        # The plan ranks requests by their look-ahead and drafts for the top m: with a fixed prior
+        # weight of 4 it took a short history's luck for a better request on the built-in prompts
+        # (AcceptanceModel.rank_weight). None: the weight learned from the look-ahead's errors.
+        self.plan_prior_weight = plan_prior_weight
         # None: adapt in every step (the paper's drafter and verifier); else measured per batch size
         self.adaptation = AdaptationValue() if cost_aware_adaptation else None
         self._adapting = True  # this step runs keep_drafting and prune
@@ -185,11 +183,12 @@ class AdaSpecPolicy(ControlledPolicy):
         self._planned = [0] * len(reqs)
         K = max((r.max_draft for r in reqs), default=0)
         # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K); the
-        # plan's own, which ranks the requests, shrunk harder to the global rate (PLAN_PRIOR_WEIGHT)
+        # plan's own, which ranks the requests, with the prior weight that has erred least
         ids = [r.request_id for r in reqs]
         self._unseen = self.acceptance.unseen_table(ids, K + 1)
-        ranked = (self._unseen if self.plan_prior_weight is None
-                  else self.acceptance.unseen_table(ids, K, self.plan_prior_weight))
+        w = self.plan_prior_weight or self.acceptance.rank_weight()
+        ranked = (self._unseen if w == self.acceptance.unseen_prior_weight
+                  else self.acceptance.unseen_table(ids, K, w))
         cont = [i for i, r in enumerate(reqs) if r.max_draft > 0]
         if not cont:
             self.log.add("plan", [], "no request may draft")
