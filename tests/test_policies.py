@@ -13,7 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaspec import LLM, SamplingParams
-from adaspec.spec.acceptance import AcceptanceModel, measure_calibration, outcomes_from_telemetry
+from adaspec.spec.acceptance import (
+    RANK_WEIGHTS,
+    AcceptanceModel,
+    measure_calibration,
+    outcomes_from_telemetry,
+)
 from adaspec.spec.adaspec_policy import AdaSpecPolicy
 from adaspec.spec.baselines import SmartSpecPolicy, ThresholdPolicy
 from adaspec.spec.cost_model import CostModel, StepShape
@@ -552,7 +557,7 @@ def test_rank_weight_is_learned_from_the_lookaheads_errors():
     """Alike requests: the heaviest shrinkage predicts best; requests that truly differ: the lightest.
     Until enough request-steps are scored, the model's own weight."""
     def learned(steps):
-        model = AcceptanceModel()
+        model = AcceptanceModel(rank_weights=RANK_WEIGHTS)
         for s in steps:
             model.forget_except(s.request_ids)
             model.observe_step(s.request_ids, s.confidences, s.accepted)
@@ -575,7 +580,7 @@ def test_plan_ranks_with_the_learned_weight():
             seen.append(weight)
             return super().unseen_table(request_ids, positions, weight)
 
-    model = Spy()
+    model = Spy(rank_weights=RANK_WEIGHTS)
     model.rank_scored, model.rank_errors = 10_000, np.array([3.0, 2.0, 1.0, 4.0])  # 16 has erred least
     cost = CostModel.linear(draft_step=0.0, verify_step=10 * MS)
     batch = lambda: BatchView([request(r) for r in "abcd"], 8)  # noqa: E731
@@ -763,3 +768,11 @@ def test_plan_counterfactual_alternates_adaspec_and_a_fixed_depth(tiny_pair, tmp
     assert any(r["forced"] and r["verified"] == 2 * r["batch"] for r in recs)
     assert all(r["emitted"] >= r["batch"] and r["fixed_time"] > 0 for r in recs)
     assert "forced" in res["summary"]["3"] and out.with_suffix(".md").exists()
+
+
+def test_only_a_learned_plan_weight_scores_rank_weights():
+    """Scoring the candidate weights costs a little every step: only the model of an adaspec plan
+    that learns its weight does it."""
+    assert AdaSpecPolicy().acceptance.rank_weights == RANK_WEIGHTS
+    assert AdaSpecPolicy(plan_prior_weight=8.0).acceptance.rank_weights == ()
+    assert SmartSpecPolicy().acceptance.rank_weights == ()

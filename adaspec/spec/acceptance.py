@@ -72,7 +72,7 @@ class _Rate:
     tested: float = 0.0
 
 
-RANK_WEIGHTS = (4.0, 8.0, 16.0, 32.0)  # prior weights `rank_weight` chooses among
+RANK_WEIGHTS = (4.0, 8.0, 16.0, 32.0)  # prior weights `rank_weight` chooses among (AdaSpecPolicy's model)
 RANK_DECAY = 0.999  # per scored step: the choice follows a workload that changes (half-life ~700 steps)
 RANK_MIN_SCORED = 64  # request-steps scored before the choice departs from unseen_prior_weight
 
@@ -80,8 +80,7 @@ RANK_MIN_SCORED = 64  # request-steps scored before the choice departs from unse
 class AcceptanceModel:
     def __init__(self, bins: int = 10, calibration_prior: float = 3.0, position_prior: float = 20.0,
                  request_prior: float = 4.0, unseen_prior: float = 0.6, unseen_prior_weight: float = 4.0,
-                 max_position: int = 16, min_evidence: int = 20,
-                 rank_weights: tuple[float, ...] = RANK_WEIGHTS):
+                 max_position: int = 16, min_evidence: int = 20, rank_weights: tuple[float, ...] = ()):
         self.bins = bins
         self.calibration_prior = calibration_prior
         self.position_prior = position_prior
@@ -90,6 +89,7 @@ class AcceptanceModel:
         self.unseen_prior_weight = unseen_prior_weight
         self.max_position = max_position
         self.min_evidence = min_evidence
+        # scored every step for `rank_weight`; empty (the default) for models no plan ranks with
         self.rank_weights = tuple(rank_weights)
         self.reset()
 
@@ -195,18 +195,27 @@ class AcceptanceModel:
         odds = p / (1 - p)
         return np.clip(odds / (1 + odds), EPS, 1 - EPS)
 
+    def lookahead_tokens(self, request_ids: list[str], drafts: list[int], weights) -> np.ndarray:
+        """[weights, requests] accepted tokens the look-ahead predicts for each request's next
+        `drafts` drafts (sum over j < drafts of P(the first j+1 accepted)), per prior weight: the
+        quantity the plan ranks requests by and sums."""
+        n = np.asarray(drafts)
+        table = self._unseen_array(request_ids, int(n.max()), np.asarray(weights, dtype=float))
+        within = np.arange(int(n.max()))[None, :] < n[:, None]
+        return (np.cumprod(table, axis=2) * within).sum(axis=2)
+
     def rank_weight(self) -> float:
         """The prior weight for a look-ahead that ranks requests (the plan's): of `rank_weights`, the
         one whose look-ahead has predicted the accepted tokens of verified drafts best so far
         (decayed squared error, each step scored before it is learned), `unseen_prior_weight` until
-        RANK_MIN_SCORED request-steps are scored.
+        RANK_MIN_SCORED request-steps are scored (or if the model scores no `rank_weights`).
 
         Why learned: the right weight is a property of the workload, how much requests really differ
         against how noisy a short history is. On the embedded pair's static:3 telemetry
         (`lookahead_by_rank`), weight 4 ranked the built-in prompts with too wide a spread (top fifth
         2.36 tokens predicted / 2.24 accepted, bottom 1.49 / 1.72), 16-32 fitted them; the Spec-Bench
-        prompts, which differ more, were fitted best by 8 (docs/policies.md, session 8)."""
-        if self.rank_scored < RANK_MIN_SCORED:
+        prompts, which differ more, by 4-8, within 0.5% of each other (docs/policies.md, session 8)."""
+        if self.rank_scored < RANK_MIN_SCORED or not self.rank_weights:
             return self.unseen_prior_weight
         return self.rank_weights[int(np.argmin(self.rank_errors))]
 
@@ -220,9 +229,7 @@ class AcceptanceModel:
             return
         ids = [rid for rid, r in zip(request_ids, rows, strict=True) if r]
         n = n[rows]
-        table = self._unseen_array(ids, int(n.max()), np.array(self.rank_weights, dtype=float))
-        within = np.arange(int(n.max()))[None, :] < n[:, None]
-        predicted = (np.cumprod(table, axis=2) * within).sum(axis=2)  # [weights, requests]
+        predicted = self.lookahead_tokens(ids, n, self.rank_weights)
         real = np.minimum(np.array(accepted)[rows], n)
         self.rank_errors = self.rank_errors * RANK_DECAY + ((predicted - real) ** 2).sum(axis=1)
         self.rank_scored += len(ids)
@@ -327,7 +334,7 @@ def measure_calibration(steps: Iterable, model: AcceptanceModel | None = None) -
     """Replay verification outcomes through a fresh acceptance model and score it against the raw
     draft probability. `steps`: objects with `request_ids`, `confidences` (verified tokens' draft
     probabilities per request) and `accepted` (StepOutcome, or `outcomes_from_telemetry` output)."""
-    model = model or AcceptanceModel()
+    model = model or AcceptanceModel(rank_weights=RANK_WEIGHTS)  # the report gives the weight a plan learns
     for s in steps:
         model.observe_step(list(s.request_ids), [list(c) for c in s.confidences], list(s.accepted))
     return model.report()
@@ -351,13 +358,8 @@ def lookahead_by_rank(steps: Iterable, model: AcceptanceModel | None = None, gro
         ids, confs = list(s.request_ids), [list(c) for c in s.confidences]
         model.forget_except(ids)  # as the policies do at each step
         if len(ids) >= min_batch and all(confs):
-            pred = []
-            for row, c in zip(model.unseen_table(ids, max(map(len, confs)), weight), confs, strict=True):
-                p, e = 1.0, 0.0
-                for j in range(len(c)):
-                    p *= row[j]
-                    e += p
-                pred.append(e)
+            w = model.unseen_prior_weight if weight is None else weight
+            pred = model.lookahead_tokens(ids, [len(c) for c in confs], [w])[0].tolist()
             for rank, i in enumerate(sorted(range(len(ids)), key=lambda i: -pred[i])):
                 g = out[groups * rank // len(ids)]
                 g["n"] += 1
@@ -393,6 +395,7 @@ def calibration_from_jsonl(path: str, weight: float | None = None, **model_kw) -
     with open(path) as f:
         records = [SimpleNamespace(**json.loads(line)) for line in f if line.strip()]
     steps = outcomes_from_telemetry(records)
+    model_kw.setdefault("rank_weights", RANK_WEIGHTS)  # as measure_calibration's own default
     report = measure_calibration(steps, AcceptanceModel(**model_kw))
     report["lookahead_by_rank"] = lookahead_by_rank(steps, AcceptanceModel(**model_kw), weight=weight)
     return report

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from adaspec.spec.acceptance import AcceptanceModel
+from adaspec.spec.acceptance import RANK_WEIGHTS, AcceptanceModel
 from adaspec.spec.adaptation import AdaptationValue
 from adaspec.spec.control import ControlledPolicy
 from adaspec.spec.cost_model import CostModel, StepShape
@@ -69,6 +69,8 @@ class AdaSpecPolicy(ControlledPolicy):
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
                  plan_prior_weight: float | None = None):
+        if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
+            acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
