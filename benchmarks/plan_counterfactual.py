@@ -85,7 +85,9 @@ class AlternatingPlan(AdaSpecPolicy):
         if self._rec is not None:
             self._rec.update(emitted=sum(outcome.accepted) + len(outcome.accepted),
                              verified=sum(outcome.drafted), step_time=outcome.step_time,
-                             draft_time=outcome.draft_time, verify_time=outcome.verify_time)
+                             draft_time=outcome.draft_time, verify_time=outcome.verify_time,
+                             adapting=self._adapting, drafted=list(outcome.drafted),
+                             accepted=list(outcome.accepted), draft_steps=outcome.draft_steps)
             self.records.append(self._rec)
             self._rec = None
         super().observe(outcome)

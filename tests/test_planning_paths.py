@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from adaspec.spec import efficiency
-from adaspec.spec.acceptance import AcceptanceModel
+from adaspec.spec.acceptance import RANK_WEIGHTS, AcceptanceModel
 from adaspec.spec.cost_model import CostModel, ForwardTimeModel
 
 
@@ -105,6 +105,39 @@ def test_unseen_table_matches_predict_unseen():
         n = rng.randint(0, 8)
         model.observe(rng.choice(ids[:8]), [rng.random() for _ in range(n)], rng.randint(0, n))
     assert model.unseen_table(ids, 10) == [[model.predict_unseen(r, j) for j in range(10)] for r in ids]
+
+
+def test_unseen_table_is_evaluated_once_per_state_and_never_stale():
+    """The plan's tables and the rank weights' scoring share one evaluation per state of the model
+    (`_lookahead_array`); every read, for any subset or order of the requests, any weight, and after
+    learning or forgetting, equals a fresh evaluation."""
+    rng = random.Random(2)
+    model = AcceptanceModel(rank_weights=RANK_WEIGHTS)
+    ids = [f"r{i}" for i in range(12)]
+    evaluations = 0
+    evaluate = model._unseen_array
+
+    def counted(*a):
+        nonlocal evaluations
+        evaluations += 1
+        return evaluate(*a)
+
+    model._unseen_array = counted
+    for _ in range(60):
+        batch = rng.sample(ids, rng.randint(1, 10))
+        model.forget_except(batch)
+        before = evaluations
+        for weight in (None, *RANK_WEIGHTS):
+            sub = rng.sample(batch, rng.randint(1, len(batch)))
+            w = model.unseen_prior_weight if weight is None else weight
+            fresh = [[model._unseen(model.request_rates.get(r), model._global_rate(j), w) for j in range(9)]
+                     for r in sub]
+            assert model.unseen_table(batch, 9, weight) and model.unseen_table(sub, 9, weight) == fresh
+        assert evaluations == before + 1
+        confs = [[rng.random() for _ in range(rng.randint(0, 8))] for _ in batch]
+        model.observe_step(batch, confs, [rng.randint(0, len(c)) for c in confs])
+        assert evaluations == before + 1  # the scoring read the plan's evaluation
+    assert model.rank_scored > 0
 
 
 def _lost_slo(rng: random.Random, B: int) -> efficiency.SLOState:
