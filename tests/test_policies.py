@@ -776,3 +776,25 @@ def test_only_a_learned_plan_weight_scores_rank_weights():
     assert AdaSpecPolicy().acceptance.rank_weights == RANK_WEIGHTS
     assert AdaSpecPolicy(plan_prior_weight=8.0).acceptance.rank_weights == ()
     assert SmartSpecPolicy().acceptance.rank_weights == ()
+
+
+def test_policy_overhead_times_each_decision_per_step(tiny_pair, tmp_path):
+    """The benchmark times the policy's four decisions and the learning policies' main parts, per
+    decode step, for every policy and level it runs."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("policy_overhead")
+    target, draft, _ = tiny_pair
+    out = tmp_path / "po"
+    assert bench.main(["--model", str(target), "--draft-model", str(draft), "--policies", "adaspec,static:2",
+                       "--concurrency", "1,3", "--max-tokens", "12", "--max-prompt-tokens", "40",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [(r["policy"], r["concurrency"]) for r in rows] == [("adaspec", 1), ("adaspec", 3),
+                                                               ("static:2", 1), ("static:2", 3)]
+    for r in rows:
+        assert r["calls_per_step"]["plan"] == 1.0 and r["calls_per_step"]["observe"] == 1.0
+        assert r["decisions_ms_per_step"] > 0
+    adaspec = rows[1]["ms_per_step"]
+    assert adaspec["plan: continuation_grid"] > 0 and adaspec["observe: AcceptanceModel.observe_step"] > 0
+    assert "plan: continuation_grid" not in rows[3]["calls_per_step"]  # a static policy has no grid
