@@ -78,13 +78,6 @@ RANK_DECAY = 0.996  # per scored step: the choice follows a workload that change
 RANK_MIN_SCORED = 64  # request-steps scored before the choice departs from unseen_prior_weight
 
 
-def _prefix_tokens(table: np.ndarray, drafts: np.ndarray) -> np.ndarray:
-    """[weights, requests] sum over j < drafts of P(the first j+1 accepted), from conditional
-    acceptances [weights, requests, positions]."""
-    within = np.arange(table.shape[2])[None, :] < drafts[:, None]
-    return (np.cumprod(table, axis=2) * within).sum(axis=2)
-
-
 class AcceptanceModel:
     def __init__(self, bins: int = 10, calibration_prior: float = 3.0, position_prior: float = 20.0,
                  request_prior: float = 4.0, unseen_prior: float = 0.6, unseen_prior_weight: float = 4.0,
@@ -114,8 +107,7 @@ class AcceptanceModel:
         self._memo: dict[tuple[str, float, int], float] = {}
         self.rank_errors = np.zeros(len(self.rank_weights))  # decayed squared errors, per weight
         self.rank_scored = 0  # request-steps scored
-        self._rank_steps = 0  # verification steps seen while scoring (RANK_EVERY)
-        self._table: tuple[np.ndarray, dict[str, int]] | None = None  # see _lookahead_array
+        self._rank_steps = 0  # verification steps with drafts seen (RANK_EVERY)
 
     # ------------------------------------------------------------------------------ predictions
 
@@ -173,9 +165,9 @@ class AcceptanceModel:
 
     def unseen_table(self, request_ids: list[str], positions: int,
                      weight: float | None = None) -> list[list[float]]:
-        """`predict_unseen` for every request and positions 0..positions-1, from one numpy evaluation
-        per state of the model (`_lookahead_array`) with the same arithmetic (identical values); per
-        call if a subclass redefines predict_unseen (then `weight` is its business and is not passed).
+        """`predict_unseen` for every request and positions 0..positions-1, as one numpy evaluation
+        with the same arithmetic (identical values); per call for a request or two, or if a subclass
+        redefines predict_unseen (then `weight` is its business and is not passed).
 
         `weight` (default `unseen_prior_weight`) is how many tested tokens the global rate counts
         for against the request's own. Choosing the top few of many requests by their look-ahead
@@ -186,33 +178,11 @@ class AcceptanceModel:
         1.75 / 1.62 (docs/policies.md, session 8)."""
         if type(self).predict_unseen is not AcceptanceModel.predict_unseen:
             return [[self.predict_unseen(rid, j) for j in range(positions)] for rid in request_ids]
+        if len(request_ids) <= 2:
+            return [[self._unseen(self.request_rates.get(rid), self._global_rate(j), weight)
+                     for j in range(positions)] for rid in request_ids]
         w = self.unseen_prior_weight if weight is None else weight
-        weights = self._table_weights()
-        if w not in weights:
-            return self._unseen_array(request_ids, positions, np.array([w], dtype=float))[0].tolist()
-        return self._lookahead_array(request_ids, positions)[weights.index(w)].tolist()
-
-    def _table_weights(self) -> tuple[float, ...]:
-        """The prior weights `_lookahead_array` evaluates: the model's own and the ranking candidates."""
-        return (self.unseen_prior_weight, *self.rank_weights)
-
-    def _lookahead_array(self, request_ids: list[str], positions: int) -> np.ndarray:
-        """[`_table_weights`, requests, positions] look-ahead acceptances, evaluated once per state of
-        the model: the plan's two tables and the scoring of the rank weights at `observe_step` (which
-        scores before it learns) read the same evaluation. Measured in the engine at batch 4, the
-        three evaluations took ~0.5 ms a step, more than the small arrays suggest (the forwards
-        leave the caches cold). Rows are taken from the evaluation that covers the requests and
-        positions asked; positions do not depend on each other, so the values are the same."""
-        t = self._table
-        if t is not None and t[0].shape[2] >= positions and all(r in t[1] for r in request_ids):
-            arr, index = t
-            rows = [index[r] for r in request_ids]
-            if rows == list(range(arr.shape[1])):
-                return arr[:, :, :positions]
-            return arr[:, rows, :positions]
-        arr = self._unseen_array(request_ids, positions, np.array(self._table_weights(), dtype=float))
-        self._table = (arr, {r: i for i, r in enumerate(request_ids)})
-        return arr
+        return self._unseen_array(request_ids, positions, np.array([w], dtype=float))[0].tolist()
 
     def _unseen_array(self, request_ids: list[str], positions: int, weights: np.ndarray) -> np.ndarray:
         """[weights, requests, positions] look-ahead acceptances, `_unseen`'s arithmetic elementwise."""
@@ -233,7 +203,8 @@ class AcceptanceModel:
         quantity the plan ranks requests by and sums."""
         n = np.asarray(drafts)
         table = self._unseen_array(request_ids, int(n.max()), np.asarray(weights, dtype=float))
-        return _prefix_tokens(table, n)
+        within = np.arange(int(n.max()))[None, :] < n[:, None]
+        return (np.cumprod(table, axis=2) * within).sum(axis=2)
 
     def rank_weight(self) -> float:
         """The prior weight for a look-ahead that ranks requests (the plan's): of `rank_weights`, the
@@ -254,8 +225,9 @@ class AcceptanceModel:
                             accepted: list[int]) -> None:
         """Add each weight's squared error on this step's accepted tokens (requests that verified
         drafts; predictions from the state before the step, as the plan made them), on one step in
-        RANK_EVERY: the choice settles over hundreds of steps, and its dozen small numpy calls took
-        0.3-0.4 ms a step in the engine at any batch size (`benchmarks/policy_overhead.py`)."""
+        RANK_EVERY: the choice settles over hundreds of steps, and scoring every step took 0.35-0.45
+        ms of each step in the engine at any batch size (`benchmarks/policy_overhead.py`; its dozen
+        small numpy calls run several times slower between forwards than in a loop of their own)."""
         if not self.rank_weights or not any(confidences):
             return
         self._rank_steps += 1
@@ -265,7 +237,7 @@ class AcceptanceModel:
         rows = n > 0
         ids = [rid for rid, r in zip(request_ids, rows, strict=True) if r]
         n = n[rows]
-        predicted = _prefix_tokens(self._lookahead_array(ids, int(n.max()))[1:], n)
+        predicted = self.lookahead_tokens(ids, n, self.rank_weights)
         real = np.minimum(np.array(accepted)[rows], n)
         self.rank_errors = self.rank_errors * RANK_DECAY + ((predicted - real) ** 2).sum(axis=1)
         self.rank_scored += len(ids)
@@ -290,7 +262,6 @@ class AcceptanceModel:
             self._learn(rid, t, p, int(a))
         self._curve = None
         self._memo.clear()
-        self._table = None
 
     def _learn(self, request_id: str, tested: list[float], preds: list[float], accepted: int) -> None:
         req = self.requests.setdefault(request_id, _Ratio())
@@ -318,7 +289,6 @@ class AcceptanceModel:
         """Drop history of requests no longer running (bounded memory)."""
         keep = set(request_ids)
         self._memo.clear()
-        self._table = None
         for d in (self.requests, self.request_rates):
             for rid in [r for r in d if r not in keep]:
                 del d[rid]
