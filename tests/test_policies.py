@@ -273,6 +273,48 @@ def test_slo_is_judged_over_the_request_s_remaining_tokens():
         pytest.approx(15 / 19.9 - 1), 1.0]
 
 
+def test_the_slo_check_counts_the_wait_between_steps():
+    """A step of t seconds costs its requests t + between (prefills of arrivals, the engine loop):
+    15 ms a token is on track for a 19.9 ms budget alone, not with 6 ms of waiting after it."""
+    from adaspec.spec.efficiency import SLOState
+
+    r = request("a", output_tokens=11, since_first_token=0.21, tpot_slo=20 * MS, remaining_tokens=100)
+    alone, waiting = SLOState(BatchView([r], 8)), SLOState(BatchView([r], 8), between=6 * MS)
+    assert alone.worst_cells([15 * MS], [[1.0]]) == [pytest.approx(15 / 19.9 - 1)]
+    two = ([15 * MS, 15 * MS], [[1.0], [1.5]])  # one token, or 1.5: only the second keeps the budget
+    expected = [1.0, pytest.approx(21 / 1.5 / 19.9 - 1)]
+    assert waiting.worst_cells(*two) == expected
+    assert waiting.worst(np.array(two[0]), np.array(two[1])).tolist() == expected
+
+
+def test_policy_learns_the_wait_between_its_decode_steps():
+    """`between` follows the gap from one decode step's end to the next one's start, where a request
+    of the first is still running (its first gap, then a moving average), and the plan's SLO check
+    uses it; a gap no running request waited (a new batch) teaches nothing."""
+    from adaspec.spec.control import BETWEEN_DECAY
+
+    cost = CostModel.linear(draft_step=2 * MS, verify_step=10 * MS)
+    pol = adaspec(cost, {"a": 0.5, "b": 0.5, "c": 0.5})
+    now = 0.0
+    for step, (gap, ids) in enumerate([(0.0, "ab"), (0.004, "ab"), (0.010, "b"), (0.5, "c"), (0.002, "c")]):
+        now += gap
+        batch = BatchView([request(i) for i in ids], 8, now=now)
+        pol.plan(batch)
+        if step == 1:
+            assert pol.between == pytest.approx(0.004) and pol._slo.between == pol.between
+        if step == 2:
+            assert pol.between == pytest.approx(BETWEEN_DECAY * 0.004 + (1 - BETWEEN_DECAY) * 0.010)
+            learned = pol.between
+        if step == 3:
+            assert pol.between == learned  # c was not in the last step: the 0.5 s is not a wait of its
+        pol.observe(StepOutcome(list(ids), [20] * len(ids), [0] * len(ids), [0] * len(ids),
+                                [[] for _ in ids], 0, 0.0, 0.010, 0.012))
+        now += 0.012
+    assert pol.between == pytest.approx(BETWEEN_DECAY * learned + (1 - BETWEEN_DECAY) * 0.002)
+    pol.reset()
+    assert pol.between == 0.0
+
+
 def test_a_late_request_does_not_steer_but_a_savable_one_does():
     """'a' is late whatever we do: it must not hold the batch back (the choice is then the most
     efficient one); but when speculating on 'a' brings it back on track for its SLO, that is

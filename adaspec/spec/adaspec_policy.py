@@ -177,7 +177,7 @@ class AdaSpecPolicy(ControlledPolicy):
     def plan(self, batch: BatchView) -> list[int]:
         self.begin(batch)
         reqs = batch.requests
-        self._slo = SLOState(batch)
+        self._slo = SLOState(batch, self.between)
         self._weights = weighted(reqs) if self.tpot_weighted else None
         self._prefix_probs = [[] for _ in reqs]
         self._prefix_sums = [0] * len(reqs)  # int 0, as sum() starts
