@@ -103,4 +103,5 @@ class ControlledPolicy(Policy):
         if self.cost_model is not None:
             d["cost_model"] = self.cost_model.error_report()
         d["acceptance"] = self.acceptance.report()
+        d["between_ms"] = round(1e3 * self.between, 3)
         return d
