@@ -840,3 +840,23 @@ def test_policy_overhead_times_each_decision_per_step(tiny_pair, tmp_path):
     adaspec = rows[1]["ms_per_step"]
     assert adaspec["plan: continuation_grid"] > 0 and adaspec["observe: AcceptanceModel.observe_step"] > 0
     assert "plan: continuation_grid" not in rows[3]["calls_per_step"]  # a static policy has no grid
+
+
+def test_request_waits_measures_life_over_decode_time(tmp_path):
+    """Hand-built telemetry: request a runs two 10 ms decode steps with a 5 ms gap and a 20 ms
+    prefill between them (life 45 ms over 20 ms of its steps); b runs one step alone (ratio 1)."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("request_waits")
+    recs = [{"kind": "prefill", "start": 0.000, "step_time": 0.020, "request_ids": ["a"]},
+            {"kind": "decode", "start": 0.020, "step_time": 0.010, "request_ids": ["a"]},
+            {"kind": "prefill", "start": 0.035, "step_time": 0.020, "request_ids": ["b"]},
+            {"kind": "decode", "start": 0.055, "step_time": 0.010, "request_ids": ["a"]},
+            {"kind": "decode", "start": 0.070, "step_time": 0.010, "request_ids": ["b"]}]
+    res = bench.request_waits(recs, min_decode=0.0)
+    assert res["requests"] == 2 and res["prefill_share"] == pytest.approx(0.04 / 0.07)
+    assert res["median"] == pytest.approx((45 / 20 + 1) / 2)
+    assert bench.request_waits(recs, min_decode=0.015)["median"] == pytest.approx(45 / 20)  # b too short
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    assert bench.main([str(path)]) == 0
