@@ -266,3 +266,30 @@ def test_bench_cli_rejects_bad_levels_and_slo(capsys):
             p.parse_args(argv)
     a = p.parse_args(["bench", "sweep", "--rate-scale", "0.5,1,2", "--slo-tpot-ms", "auto:2"])
     assert a.rate_scale == [0.5, 1.0, 2.0] and a.slo_tpot_ms == "auto:2"
+
+
+def _fake_sweep(d, tpot: dict[str, float]):
+    d.mkdir(parents=True)
+    runs = [{"policy": p, "level": 1.0, "tpot_ms": {"mean": t, "p99": 2 * t}, "ttft_ms": {"mean": 50.0},
+             "slo": {"attainment": 1.0 if t < 20 else 0.5}, "output_throughput": 100.0}
+            for p, t in tpot.items()]
+    (d / "summary.json").write_text(json.dumps({"meta": {}, "runs": runs}))
+    return d
+
+
+def test_repeats_pool_sweeps_and_rotate_policy_order(tmp_path):
+    """Repeats are pooled per policy and level (mean, min-max) and adaspec's distance from the best
+    is stated; the policy order rotates by one each repeat; a folder that is not a sweep is named."""
+    from adaspec.bench.repeats import rotated, write
+
+    orders = [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert [rotated(["a", "b", "c"], k) for k in range(4)] == orders
+    dirs = [_fake_sweep(tmp_path / "r1", {"static:3": 18.0, "adaspec": 20.0}),
+            _fake_sweep(tmp_path / "r2", {"adaspec": 22.0, "static:3": 20.0})]
+    text = write(dirs, tmp_path / "out" / "repeats")
+    assert "| adaspec | 21.00 (20.00-22.00) |" in text and "| static:3 | 19.00 (18.00-20.00) |" in text
+    assert "mean TPOT (ms): `adaspec` 10.5% behind static:3 (over the 5% bar)" in text
+    rows = json.loads((tmp_path / "out" / "repeats.json").read_text())
+    assert {(r["policy"], r["repeats"]) for r in rows} == {("adaspec", 2), ("static:3", 2)}
+    with pytest.raises(ValueError, match="nosweep"):
+        write([tmp_path / "nosweep"], tmp_path / "x")

@@ -59,6 +59,27 @@ def test_sweep_two_policies_writes_report(tiny_pair, tmp_path):
 
 
 @pytest.mark.slow
+def test_sweep_repeats_rotate_policies_and_share_the_slo(tiny_pair, tmp_path):
+    """--repeats 2: each repeat in its own folder with the policy order rotated, one auto SLO for
+    both (resolved by the first), and repeats.md pooling them."""
+    target, draft, _ = tiny_pair
+    out = tmp_path / "rep"
+    rc = main(["bench", "sweep", "--policies", "none,static:2", "--model", str(target),
+               "--draft-model", str(draft), *SERVER, "--prompts", "synthetic:3", "--arrivals", "poisson:20",
+               "--num-requests", "3",
+               "--output-len", "fixed:4", "--slo-tpot-ms", "auto:2", "--warmup", "1", "--repeats", "2",
+               "--output-dir", str(out), "--quiet"])
+    assert rc == 0
+    summaries = [json.loads((out / r / "summary.json").read_text()) for r in ("r1", "r2")]
+    orders = [[run["policy"] for run in s["runs"]] for s in summaries]
+    assert orders == [["none", "static:2"], ["static:2", "none"]]
+    assert summaries[0]["meta"]["slo"]["tpot_ms"] == summaries[1]["meta"]["slo"]["tpot_ms"] > 0
+    pooled = (out / "repeats.md").read_text()
+    assert "`" + str(out / "r1") + "`" in pooled and "| static:2 |" in pooled
+    assert all(r["repeats"] == 2 for r in json.loads((out / "repeats.json").read_text()))
+
+
+@pytest.mark.slow
 def test_demo_on_tiny_pair(tiny_pair, tmp_path, capsys):
     target, draft, _ = tiny_pair
     rc = main(["demo", "--model", str(target), "--draft-model", str(draft), "--policies", "none",

@@ -31,6 +31,13 @@ def ints(s: str) -> list[int]:
     return [int(v) for v in vals]
 
 
+def positive_int(s: str) -> int:
+    vals = ints(s)
+    if len(vals) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {s!r}")
+    return vals[0]
+
+
 def tpot_slo(s: str) -> float | str:
     if s.startswith("auto"):
         factor = s.partition(":")[2]
@@ -90,10 +97,12 @@ def config(a: argparse.Namespace, policies: list[str], **kw):
         quiet=a.quiet, command=shlex.join(["adaspec", *sys.argv[1:]]), **kw)
 
 
-def finish(cfg) -> int:
+def finish(cfg, sweeps: list | None = None) -> int:
     from adaspec.bench.sweep import Sweep
 
     sweep = Sweep(cfg)
+    if sweeps is not None:
+        sweeps.append(sweep)
     try:
         path = sweep.run()
     except RuntimeError as exc:  # a server that would not start: its log tail is in the message
@@ -118,7 +127,34 @@ def cmd_sweep(a: argparse.Namespace) -> int:
                  num_speculative_tokens=a.num_speculative_tokens, max_num_seqs=a.max_num_seqs,
                  max_model_len=a.max_model_len, dtype=a.dtype, threads=a.threads,
                  server_args=shlex.split(" ".join(a.server_arg or [])), startup_timeout=a.startup_timeout)
-    return finish(cfg)
+    if a.repeats == 1:
+        return finish(cfg)
+    return repeat_sweep(cfg, a.repeats)
+
+
+def repeat_sweep(cfg, repeats: int) -> int:
+    """The sweep `repeats` times, into OUTPUT_DIR/r1..rN, the policy order rotated by one each time
+    (on this project's CPU the machine drifted by up to 1.9x within one sweep: run one after
+    another, the last policies took every slow stretch), then OUTPUT_DIR/repeats.md pooling them.
+    An auto TPOT SLO is resolved by the first repeat and kept, so that all share one bar."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from adaspec.bench.repeats import rotated, write
+
+    out, rc, dirs, sweeps = Path(cfg.output_dir), 0, [], []
+    for k in range(repeats):
+        d = out / f"r{k + 1}"
+        print(f"repeat {k + 1} of {repeats}: {', '.join(rotated(cfg.policies, k))}")
+        rc = max(rc, finish(replace(cfg, policies=rotated(cfg.policies, k), output_dir=str(d)), sweeps))
+        if (d / "summary.json").exists():
+            dirs.append(d)
+        if isinstance(cfg.slo_tpot_ms, str) and sweeps[-1].slo_tpot_ms is not None:
+            cfg = replace(cfg, slo_tpot_ms=sweeps[-1].slo_tpot_ms)
+    if dirs:
+        write(dirs, out / "repeats")
+        print(f"repeats: {out / 'repeats.md'}")
+    return rc
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -159,6 +195,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="extra `adaspec serve` arguments, e.g. --server-arg='--slo-ttft-ms 2000'")
     s.add_argument("--startup-timeout", type=float, default=900.0,
                    help="seconds a server may take to load (and profile) before /health is 200")
+    s.add_argument("--repeats", type=positive_int, default=1,
+                   help="run the sweep N times into OUTPUT_DIR/r1..rN, the policy order rotated each time, "
+                        "and pool them in OUTPUT_DIR/repeats.md (mean, min-max)")
     add_workload_args(s)
     s.set_defaults(fn=cmd_sweep)
     return b
