@@ -134,8 +134,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def repeat_sweep(cfg, repeats: int) -> int:
     """The sweep `repeats` times, into OUTPUT_DIR/r1..rN, the policy order rotated by one each time
-    (on this project's CPU the machine drifted by up to 1.9x within one sweep: run one after
-    another, the last policies took every slow stretch), then OUTPUT_DIR/repeats.md pooling them.
+    (on this project's CPU one policy's mean TPOT moved by up to 1.9x between repeats, and a slow
+    stretch within a sweep hits whichever policies run then), then OUTPUT_DIR/repeats.md pooling them.
     An auto TPOT SLO is resolved by the first repeat and kept, so that all share one bar."""
     from dataclasses import replace
     from pathlib import Path
