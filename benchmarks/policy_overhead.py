@@ -22,7 +22,9 @@ import json
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 from adaspec.engine.sequence import SLO
 from adaspec.llm import DEFAULT_PAIR, build_engine
@@ -51,9 +53,8 @@ class Clock:
     def __init__(self):
         self.seconds, self.calls = Counter(), Counter()
 
-    def wrap(self, owner, name: str, label: str) -> None:
-        fn = getattr(owner, name)
-
+    def timed(self, fn, label: str):
+        """`fn`, timed under `label`."""
         def timed(*a, **kw):
             t = time.perf_counter()
             try:
@@ -62,7 +63,7 @@ class Clock:
                 self.seconds[label] += time.perf_counter() - t
                 self.calls[label] += 1
 
-        setattr(owner, name, timed)
+        return timed
 
     def clear(self) -> None:
         self.seconds.clear()
@@ -82,8 +83,20 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     loop = _closed_loop()
     clock = Clock()
-    for owner, name, label in PARTS:  # class or module attributes: every engine built below sees them
-        clock.wrap(owner, name, label)
+    with ExitStack() as patches:  # class and module attributes, put back on the way out
+        for owner, name, label in PARTS:
+            patches.enter_context(mock.patch.object(owner, name, clock.timed(getattr(owner, name), label)))
+        results = measure(a, loop, clock)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        args = sys.argv[1:] if argv is None else argv
+        command = "python benchmarks/policy_overhead.py " + " ".join(args)
+        a.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    return 0
+
+
+def measure(a: argparse.Namespace, loop, clock: Clock) -> list[dict]:
+    """Per policy and level: the closed loop's decode steps, and the clock's time per step."""
     prompts_text = loop.load_prompts(a.prompts, None)
     slo = SLO(tpot=0.1)
     results = []
@@ -94,7 +107,7 @@ def main(argv=None) -> int:
         limit = min(a.max_prompt_tokens, engine.max_model_len - a.max_tokens - 1)
         prompts = [engine.tokenizer(p)["input_ids"][:limit] for p in prompts_text]
         for name in DECISIONS:  # the instance's bound methods
-            clock.wrap(engine.policy, name, name)
+            setattr(engine.policy, name, clock.timed(getattr(engine.policy, name), name))
         for c in levels:
             loop.run_level(engine, prompts[-16:], c, max(8, c), min(32, a.max_tokens), 0.0, slo)  # warm-up
             clock.clear()
@@ -111,12 +124,7 @@ def main(argv=None) -> int:
                   f"(mean TPOT {run['tpot_mean_ms']:.1f} ms, {steps} decode steps)")
             for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]):
                 print(f"    {k:40s} {v:7.3f} ms  ({row['calls_per_step'][k]:.2f} calls)")
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        args = sys.argv[1:] if argv is None else argv
-        command = "python benchmarks/policy_overhead.py " + " ".join(args)
-        a.out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=1))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -840,6 +840,7 @@ def test_policy_overhead_times_each_decision_per_step(tiny_pair, tmp_path):
     adaspec = rows[1]["ms_per_step"]
     assert adaspec["plan: continuation_grid"] > 0 and adaspec["observe: AcceptanceModel.observe_step"] > 0
     assert "plan: continuation_grid" not in rows[3]["calls_per_step"]  # a static policy has no grid
+    assert all(getattr(owner, name).__name__ == name for owner, name, _ in bench.PARTS)  # put back
 
 
 def test_request_waits_measures_life_over_decode_time(tmp_path):

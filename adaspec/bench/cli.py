@@ -97,17 +97,20 @@ def config(a: argparse.Namespace, policies: list[str], **kw):
         quiet=a.quiet, command=shlex.join(["adaspec", *sys.argv[1:]]), **kw)
 
 
-def finish(cfg, sweeps: list | None = None) -> int:
+def finish(cfg) -> int:
+    return run_sweep(cfg)[0]
+
+
+def run_sweep(cfg):
+    """Run the sweep and report on it; returns the exit status and the `Sweep` (its resolved SLO)."""
     from adaspec.bench.sweep import Sweep
 
     sweep = Sweep(cfg)
-    if sweeps is not None:
-        sweeps.append(sweep)
     try:
         path = sweep.run()
     except RuntimeError as exc:  # a server that would not start: its log tail is in the message
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 1, sweep
     print(f"report: {path}")
     failed = sum(r["failed"] for r in sweep.runs)
     if failed:
@@ -115,8 +118,8 @@ def finish(cfg, sweeps: list | None = None) -> int:
     if sweep.failed_policies:
         print(f"error: no results for {', '.join(sweep.failed_policies)}: the server did not start "
               "(see server-*.log)", file=sys.stderr)
-        return 1
-    return 0
+        return 1, sweep
+    return 0, sweep
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
@@ -142,15 +145,16 @@ def repeat_sweep(cfg, repeats: int) -> int:
 
     from adaspec.bench.repeats import rotated, write
 
-    out, rc, dirs, sweeps = Path(cfg.output_dir), 0, [], []
+    out, rc, dirs = Path(cfg.output_dir), 0, []
     for k in range(repeats):
         d = out / f"r{k + 1}"
         print(f"repeat {k + 1} of {repeats}: {', '.join(rotated(cfg.policies, k))}")
-        rc = max(rc, finish(replace(cfg, policies=rotated(cfg.policies, k), output_dir=str(d)), sweeps))
+        status, sweep = run_sweep(replace(cfg, policies=rotated(cfg.policies, k), output_dir=str(d)))
+        rc = max(rc, status)
         if (d / "summary.json").exists():
             dirs.append(d)
-        if isinstance(cfg.slo_tpot_ms, str) and sweeps[-1].slo_tpot_ms is not None:
-            cfg = replace(cfg, slo_tpot_ms=sweeps[-1].slo_tpot_ms)
+        if isinstance(cfg.slo_tpot_ms, str) and sweep.slo_tpot_ms is not None:
+            cfg = replace(cfg, slo_tpot_ms=sweep.slo_tpot_ms)
     if dirs:
         write(dirs, out / "repeats")
         print(f"repeats: {out / 'repeats.md'}")

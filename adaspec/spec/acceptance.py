@@ -90,7 +90,7 @@ class AcceptanceModel:
         self.unseen_prior_weight = unseen_prior_weight
         self.max_position = max_position
         self.min_evidence = min_evidence
-        # scored every step for `rank_weight`; empty (the default) for models no plan ranks with
+        # scored (one step in RANK_EVERY) for `rank_weight`; empty (the default) for models no plan ranks with
         self.rank_weights = tuple(rank_weights)
         self.reset()
 

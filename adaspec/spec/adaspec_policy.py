@@ -54,8 +54,6 @@ from adaspec.spec.policy import BatchView, StepOutcome, fit_limits
 
 STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft + bonus token)
 
-
-
 class AdaSpecPolicy(ControlledPolicy):
     name = "adaspec"
     needs_cost_model = True
