@@ -488,7 +488,8 @@ def test_smartspec_speculates_again_after_slow_first_steps():
 @given(st.lists(st.tuples(st.integers(0, 8), st.integers(1, 3), st.floats(0.01, 0.99)), min_size=1,
                 max_size=6),
        st.integers(2, 40), st.sampled_from(["threshold", "smartspec", "adaspec", "adaspec-drafter",
-                                            "adaspec-noslo", "adaspec-always", "static:8"]))
+                                            "adaspec-noslo", "adaspec-always", "adaspec-everystep",
+                                            "static:8"]))
 def test_no_decision_exceeds_limits(reqs, budget, name):
     cost = CostModel.linear(draft_step=0.1 * MS, verify_step=10 * MS, verify_per_token=0.1 * MS)
     pol = make_policy(name, 8, cost)
@@ -665,7 +666,7 @@ def reference(tiny_pair):
 
 
 @pytest.mark.parametrize("name", ["threshold", "smartspec", "adaspec", "adaspec-drafter", "adaspec-noslo",
-                                  "adaspec-always"])
+                                  "adaspec-always", "adaspec-everystep"])
 def test_every_policy_is_lossless(tiny_pair, reference, name):
     pol = make_policy(name, 6, CostModel.linear(**CHEAP_DRAFT))
     spec = make_llm(tiny_pair, pol, slo_tpot_ms=50.0)

@@ -28,10 +28,15 @@ by the batch's mean time per token instead of its tokens per second).
 keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on by default) a
 speculating step runs them only where, at this batch size, their measured cost has been below the
 efficiency they were predicted to add (`adaptation.py`); otherwise the plan's requests draft its
-depth h, without questions, and verify it all.
+depth h, without questions, and verify it all. The plan costs time too: with `reuse_plans` (on by
+default) a uniform decision made with every request well inside its SLO may serve the next steps,
+for as many steps as re-planning has measurably changed less than it cost (`replan.py`);
+`adaspec-everystep` plans every step.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -51,6 +56,7 @@ from adaspec.spec.efficiency import (
     weighted,
 )
 from adaspec.spec.policy import BatchView, StepOutcome, fit_limits
+from adaspec.spec.replan import SLO_HEADROOM, ReplanSchedule
 
 STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft + bonus token)
 
@@ -60,13 +66,13 @@ class AdaSpecPolicy(ControlledPolicy):
     VARIANTS = {"adaspec": {}, "adaspec-noslo": {"slo_aware": False},
                 "adaspec-drafter": {"verifier": False, "slo_aware": False},
                 "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True},
-                "adaspec-meantpot": {"mean_tpot": True}}
+                "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
-                 plan_prior_weight: float | None = None):
+                 plan_prior_weight: float | None = None, reuse_plans: bool = True):
         if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
             acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
@@ -81,6 +87,11 @@ class AdaSpecPolicy(ControlledPolicy):
         self.plan_prior_weight = plan_prior_weight
         # None: adapt in every step (the paper's drafter and verifier); else measured per batch size
         self.adaptation = AdaptationValue() if cost_aware_adaptation else None
+        # None: plan every step; else a uniform decision may serve the next steps (`replan.py`)
+        self.replan = ReplanSchedule() if reuse_plans else None
+        # what times the plan's own cost; a simulator sets its clock, which a plan does not advance
+        # (it charges nothing for decisions), so there the plan runs every step, deterministically
+        self.clock = time.perf_counter
         self._adapting = True  # this step runs keep_drafting and prune
         self._fixed: list[int] | None = None  # the plan's fixed depths, when it speculates
         self._gain: float | None = None
@@ -157,6 +168,7 @@ class AdaSpecPolicy(ControlledPolicy):
         d["mean_tpot"] = self.mean_tpot
         d["plan_prior_weight"] = self.plan_prior_weight
         d["adaptation"] = None if self.adaptation is None else self.adaptation.report()
+        d["replan"] = None if self.replan is None else self.replan.report()
         return d
 
     def _choose(self, T, E, tokens_of) -> tuple[int, dict[int, float]]:
@@ -173,13 +185,21 @@ class AdaSpecPolicy(ControlledPolicy):
     # ------------------------------------------------------------------------------ decisions
 
     def plan(self, batch: BatchView) -> list[int]:
+        started = self.clock()
         self.begin(batch)
         reqs = batch.requests
-        self._slo = SLOState(batch, self.between)
-        self._weights = weighted(reqs) if self.tpot_weighted else None
         self._prefix_probs = [[] for _ in reqs]
         self._prefix_sums = [0] * len(reqs)  # int 0, as sum() starts
         self._forwards = (None, [], [])
+        self._fixed, self._adapting, self._gain = None, True, None
+        depth = None if self.replan is None else self.replan.reusable(len(reqs))
+        if depth is not None:  # the last plan's uniform decision, drafted without questions
+            self._adapting = False
+            self._planned = fit_limits(batch, [depth] * len(reqs))
+            self.log.add("plan", [], "reused", depth=depth)
+            return self._planned
+        self._slo = SLOState(batch, self.between)
+        self._weights = weighted(reqs) if self.tpot_weighted else None
         self._planned = [0] * len(reqs)
         K = max((r.max_draft for r in reqs), default=0)
         # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K); the
@@ -200,7 +220,6 @@ class AdaSpecPolicy(ControlledPolicy):
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
         choice, checks = self._choose(T, E, tokens_of)
         h, m = divmod(choice, T.shape[1])
-        self._fixed, self._adapting, self._gain = None, True, None
         if h and m:
             fixed = [0] * n
             for i in order[:m]:
@@ -217,7 +236,25 @@ class AdaSpecPolicy(ControlledPolicy):
         self._record("plan", T, E, checks, (h, m))
         if self._fixed is not None:
             self.log.add("mode", [], "adaptive" if self._adapting else "fixed")
+        if self.replan is not None:
+            self._schedule(T, E, checks, choice, len(cont), n, self.clock() - started)
         return self._planned
+
+    def _schedule(self, T, E, checks: dict[int, float], choice: int, M: int, batch_size: int,
+                  plan_time: float) -> None:
+        """Tell the replan schedule what this plan cost, what reusing the last decision would have
+        lost on this grid, and whether this decision may be reused (`replan.py`)."""
+        H, width = T.shape[0], T.shape[1]
+        h, m = divmod(choice, width)
+        eff = E[h, m] / T[h, m]
+        last, regret = self.replan.last_depth, None
+        if last is not None and last < H:
+            col = M if last else 0
+            regret = max(0.0, 1.0 - (E[last, col] / T[last, col]) / eff)
+        uniform = not (h and m) or (m == M and not self._adapting)
+        safe = not (self.slo_aware and self._slo.active) or checks.get(choice, 1.0) <= -SLO_HEADROOM
+        depth = (h if m else 0) if uniform and safe else None
+        self.replan.planned(depth, batch_size, regret, plan_time, float(T[h, m]))
 
     def keep_drafting(self, batch: BatchView, active: list[bool]) -> list[bool]:
         """One token of look-ahead: the catch-up cost is sunk now, every further draft step costs the
@@ -304,3 +341,5 @@ class AdaSpecPolicy(ControlledPolicy):
         super().reset()
         if self.adaptation is not None:
             self.adaptation.reset()
+        if self.replan is not None:
+            self.replan.reset()

@@ -1,0 +1,79 @@
+"""When adaspec reuses its last plan instead of planning again (`adaspec.spec.replan`)."""
+
+from __future__ import annotations
+
+import pytest
+from test_policies import MS, adaspec, drive, request
+
+from adaspec.spec.cost_model import CostModel
+from adaspec.spec.policy import BatchView, make_policy
+from adaspec.spec.replan import ReplanSchedule
+
+
+def test_interval_doubles_while_reuse_loses_less_than_planning_costs_and_halves_when_it_loses_more():
+    s = ReplanSchedule(max_interval=8)
+    s.planned(3, 16, None, plan_time=1 * MS, step_time=20 * MS)  # cost 5% of the step; no regret yet
+    assert s.interval == 1 and s.reusable(16) is None
+    for _ in range(3):  # the reused decision would have lost nothing
+        s.planned(3, 16, 0.0, 1 * MS, 20 * MS)
+    assert s.interval == 8
+    assert [s.reusable(16) for _ in range(8)] == [3] * 7 + [None]  # the planning step counts
+    s.planned(3, 16, 0.0, 1 * MS, 20 * MS)
+    assert s.reusable(19) is None  # the batch grew by more than an eighth: plan
+    assert s.reusable(17) == 3
+    s.planned(3, 16, 1.0, 1 * MS, 20 * MS)  # regret average 0.2 > twice the cost (0.1)
+    assert s.interval == 4
+    s.planned(None, 16, 0.0, 1 * MS, 20 * MS)  # a decision that may not be reused
+    assert s.reusable(16) is None
+
+
+def test_free_planning_is_never_skipped():
+    s = ReplanSchedule()
+    for _ in range(10):
+        s.planned(3, 8, 0.0, plan_time=0.0, step_time=20 * MS)
+    assert s.interval == 1 and s.reusable(8) is None
+
+
+def fixed_mode(pol):
+    """Adaptation decided 'fixed' for every speculating step (the plan's depths, no questions)."""
+    pol.adaptation.decide = lambda batch_size: False
+    ticks = iter(range(10**6))
+    pol.clock = lambda: next(ticks) * MS  # every plan takes 1 ms
+    return pol
+
+
+COST = CostModel.linear(draft_step=0.5 * MS, verify_step=10 * MS, verify_per_token=0.1 * MS)
+RATES = {str(i): 0.8 for i in range(4)}
+
+
+def run_steps(pol, steps=12, **kw):
+    return [drive(pol, BatchView([request(str(i), **kw) for i in range(4)], 8))[0] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("name", ["adaspec", "adaspec-everystep"])
+def test_a_stable_plan_is_reused_unless_planning_every_step_is_asked_for(name):
+    pol = fixed_mode(adaspec(COST, RATES, name=name))
+    plans = run_steps(pol)
+    assert plans[0][0] > 0 and all(p == plans[0] for p in plans)  # reused or not, the same decision
+    if name == "adaspec":
+        assert pol.replan.reuses > 0 and pol.replan.plans + pol.replan.reuses == len(plans)
+        assert pol.describe()["replan"]["reuses"] == pol.replan.reuses
+    else:
+        assert pol.replan is None
+
+
+def test_a_request_near_its_slo_makes_every_step_plan():
+    pol = fixed_mode(adaspec(COST, RATES))
+    run_steps(pol, steps=1)
+    choice = next(p for p in pol.log._current["phases"] if p["phase"] == "plan")["choice"]
+    per_token = choice["time"] / (choice["tokens"] / 4)  # each request's time per token
+    pol = fixed_mode(adaspec(COST, RATES))
+    run_steps(pol, tpot_slo=1.05 * per_token)  # on track, but less than 10% under
+    assert pol.replan.reuses == 0 and pol.replan.plans == 12
+    pol = fixed_mode(adaspec(COST, RATES))
+    run_steps(pol, tpot_slo=2 * per_token)  # far inside: reused
+    assert pol.replan.reuses > 0
+
+
+def test_adaspec_everystep_is_a_named_ablation():
+    assert make_policy("adaspec-everystep", 8).replan is None and make_policy("adaspec", 8).replan
