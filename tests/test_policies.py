@@ -844,6 +844,27 @@ def test_policy_overhead_times_each_decision_per_step(tiny_pair, tmp_path):
     assert all(getattr(owner, name).__name__ == name for owner, name, _ in bench.PARTS)  # put back
 
 
+def test_decision_cost_runs_the_baseline_shapes_with_the_policy_deciding_alongside(tiny_pair, tmp_path):
+    """The shadow engine verifies exactly what the baseline decides, while the policy under test
+    makes (and learns from) every decision on the same batches."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("decision_cost")
+    target, draft, _ = tiny_pair
+    out = tmp_path / "dc"
+    assert bench.main(["--model", str(target), "--draft-model", str(draft), "--baseline", "static:2",
+                       "--concurrency", "2", "--repeats", "2", "--max-tokens", "12",
+                       "--max-prompt-tokens", "40", "--out", str(out)]) == 0
+    (row,) = json.loads(out.with_suffix(".json").read_text())["results"]
+    for role in ("baseline", "shadow"):
+        assert row[role]["runs"] == 2 and row[role]["step_ms"] > 0 and row[role]["verify_ms"] > 0
+    assert row["step_ratio"] == pytest.approx(row["shadow"]["step_ms"] / row["baseline"]["step_ms"], rel=1e-3)
+    pol = AdaSpecPolicy(CostModel.linear(**CHEAP_DRAFT))
+    shadow = bench.Shadow(pol, make_policy("static:2", 6))
+    batch = BatchView([request("a"), request("b")], 6)
+    assert shadow.plan(batch) == [2, 2] and pol.log._current is not None  # adaspec planned this step
+
+
 def test_request_waits_measures_life_over_decode_time(tmp_path):
     """Hand-built telemetry: request a runs two 10 ms decode steps with a 5 ms gap and a 20 ms
     prefill between them (life 45 ms over 20 ms of its steps); b runs one step alone (ratio 1)."""

@@ -9,29 +9,44 @@ from adaspec.spec.cost_model import CostModel
 from adaspec.spec.policy import BatchView, make_policy
 from adaspec.spec.replan import ReplanSchedule
 
+IDS = [str(i) for i in range(16)]
+
+
+def uniform(depth, ids=IDS):
+    return {rid: depth for rid in ids}, depth
+
 
 def test_interval_doubles_while_reuse_loses_less_than_planning_costs_and_halves_when_it_loses_more():
     s = ReplanSchedule(max_interval=8)
-    s.planned(3, 16, None, plan_time=1 * MS, step_time=20 * MS)  # cost 5% of the step; no regret yet
-    assert s.interval == 1 and s.reusable(16) is None
+    s.planned(uniform(3), 16, None, plan_time=1 * MS, step_time=20 * MS)  # cost 5% of the step; no regret yet
+    assert s.interval == 1 and s.reusable(IDS) is None
     for _ in range(3):  # the reused decision would have lost nothing
-        s.planned(3, 16, 0.0, 1 * MS, 20 * MS)
+        s.planned(uniform(3), 16, 0.0, 1 * MS, 20 * MS)
     assert s.interval == 8
-    assert [s.reusable(16) for _ in range(8)] == [3] * 7 + [None]  # the planning step counts
-    s.planned(3, 16, 0.0, 1 * MS, 20 * MS)
-    assert s.reusable(19) is None  # the batch grew by more than an eighth: plan
-    assert s.reusable(17) == 3
-    s.planned(3, 16, 1.0, 1 * MS, 20 * MS)  # regret average 0.2 > twice the cost (0.1)
+    assert [s.reusable(IDS) for _ in range(8)] == [[3] * 16] * 7 + [None]  # the planning step counts
+    s.planned(uniform(3), 16, 0.0, 1 * MS, 20 * MS)
+    assert s.reusable(IDS + ["x", "y", "z"]) is None  # the batch grew by more than an eighth: plan
+    assert s.reusable(IDS + ["x"]) == [3] * 17
+    s.planned(uniform(3), 16, 1.0, 1 * MS, 20 * MS)  # regret average 0.2 > twice the cost (0.1)
     assert s.interval == 4
     s.planned(None, 16, 0.0, 1 * MS, 20 * MS)  # a decision that may not be reused
-    assert s.reusable(16) is None
+    assert s.reusable(IDS) is None and s.depths(IDS) is None
+
+
+def test_a_reused_decision_keeps_each_request_s_depth_and_gives_newcomers_the_default():
+    s = ReplanSchedule()
+    s.interval = 4
+    s.planned(({"a": 4, "b": 0, "c": 4}, 0), 3, None, 1 * MS, 20 * MS)
+    assert s.reusable(["a", "b", "d"]) == [4, 0, 0]  # c left, d joined: not among the chosen
+    s.planned(({"a": 4, "b": 4}, 4), 2, None, 1 * MS, 20 * MS)
+    assert s.reusable(["a", "d"]) == [4, 4]
 
 
 def test_free_planning_is_never_skipped():
     s = ReplanSchedule()
     for _ in range(10):
-        s.planned(3, 8, 0.0, plan_time=0.0, step_time=20 * MS)
-    assert s.interval == 1 and s.reusable(8) is None
+        s.planned(uniform(3), 16, 0.0, plan_time=0.0, step_time=20 * MS)
+    assert s.interval == 1 and s.reusable(IDS) is None
 
 
 def fixed_mode(pol):
@@ -77,3 +92,13 @@ def test_a_request_near_its_slo_makes_every_step_plan():
 
 def test_adaspec_everystep_is_a_named_ablation():
     assert make_policy("adaspec-everystep", 8).replan is None and make_policy("adaspec", 8).replan
+
+
+def test_a_ragged_decision_is_reused_request_by_request():
+    cost = CostModel.linear(draft_step=0.5 * MS, verify_step=10 * MS, verify_per_token=1 * MS, padded=False)
+    pol = fixed_mode(adaspec(cost, {"a": 0.9, "b": 0.05}))
+    plans = [drive(pol, BatchView([request("a"), request("b")], 8))[0] for _ in range(8)]
+    assert plans[0][0] > 0 and plans[0][1] == 0 and all(p == plans[0] for p in plans)
+    assert pol.replan.reuses > 0
+    # a request that joins without history ranks below the confident one: it would not draft
+    assert pol.replan.depths(["a", "new"]) == [plans[0][0], 0]

@@ -163,6 +163,10 @@ class AcceptanceModel:
         """Conditional acceptance of a token not drafted yet (used to look ahead)."""
         return self._unseen(self.request_rates.get(request_id), self._global_rate(position))
 
+    def newcomer_unseen(self, position: int = 0) -> float:
+        """`predict_unseen` for a request with no history yet (one that joins the batch later)."""
+        return self._unseen(None, self._global_rate(position))
+
     def unseen_table(self, request_ids: list[str], positions: int,
                      weight: float | None = None) -> list[list[float]]:
         """`predict_unseen` for every request and positions 0..positions-1, as one numpy evaluation

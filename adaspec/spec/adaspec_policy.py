@@ -192,11 +192,12 @@ class AdaSpecPolicy(ControlledPolicy):
         self._prefix_sums = [0] * len(reqs)  # int 0, as sum() starts
         self._forwards = (None, [], [])
         self._fixed, self._adapting, self._gain = None, True, None
-        depth = None if self.replan is None else self.replan.reusable(len(reqs))
-        if depth is not None:  # the last plan's uniform decision, drafted without questions
+        ids = [r.request_id for r in reqs]
+        depths = None if self.replan is None else self.replan.reusable(ids)
+        if depths is not None:  # the last plan's decision, drafted without questions
             self._adapting = False
-            self._planned = fit_limits(batch, [depth] * len(reqs))
-            self.log.add("plan", [], "reused", depth=depth)
+            self._planned = fit_limits(batch, depths)
+            self.log.add("plan", [], "reused", depths=self._planned)
             return self._planned
         self._slo = SLOState(batch, self.between)
         self._weights = weighted(reqs) if self.tpot_weighted else None
@@ -204,7 +205,6 @@ class AdaSpecPolicy(ControlledPolicy):
         K = max((r.max_draft for r in reqs), default=0)
         # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K); the
         # plan's own, which ranks the requests, with the prior weight that has erred least
-        ids = [r.request_id for r in reqs]
         self._unseen = self.acceptance.unseen_table(ids, K + 1)
         w = self.plan_prior_weight or self.acceptance.rank_weight()
         ranked = (self._unseen if w == self.acceptance.unseen_prior_weight
@@ -237,24 +237,47 @@ class AdaSpecPolicy(ControlledPolicy):
         if self._fixed is not None:
             self.log.add("mode", [], "adaptive" if self._adapting else "fixed")
         if self.replan is not None:
-            self._schedule(T, E, checks, choice, len(cont), n, self.clock() - started)
+            last_in = None if m == len(cont) else order[m - 1]  # the lowest-ranked chosen, if some were not
+            self._schedule(batch, ranked, last_in, h if m else 0, checks.get(choice, 1.0),
+                           self.clock() - started)
         return self._planned
 
-    def _schedule(self, T, E, checks: dict[int, float], choice: int, M: int, batch_size: int,
+    def _price(self, batch: BatchView, depths: list[int]) -> tuple[float, float]:
+        """Expected tokens and predicted step time of drafting and verifying `depths`, as the plan
+        sees it: look-ahead acceptance, draft catch-up of steady speculation (STEADY_LAG)."""
+        tokens = 0.0
+        for row, n in zip(self._unseen, depths, strict=True):
+            p = 1.0
+            tokens += 1
+            for j in range(n):
+                p *= row[j]
+                tokens += p
+        reqs = batch.requests
+        shape = StepShape([r.context_len for r in reqs], [min(r.draft_lag, STEADY_LAG) for r in reqs],
+                          depths, depths)
+        return tokens, self.costs.predict(shape).total
+
+    def _schedule(self, batch: BatchView, ranked, last_in: int | None, h: int, margin: float,
                   plan_time: float) -> None:
-        """Tell the replan schedule what this plan cost, what reusing the last decision would have
-        lost on this grid, and whether this decision may be reused (`replan.py`)."""
-        H, width = T.shape[0], T.shape[1]
-        h, m = divmod(choice, width)
-        eff = E[h, m] / T[h, m]
-        last, regret = self.replan.last_depth, None
-        if last is not None and last < H:
-            col = M if last else 0
-            regret = max(0.0, 1.0 - (E[last, col] / T[last, col]) / eff)
-        uniform = not (h and m) or (m == M and not self._adapting)
-        safe = not (self.slo_aware and self._slo.active) or checks.get(choice, 1.0) <= -SLO_HEADROOM
-        depth = (h if m else 0) if uniform and safe else None
-        self.replan.planned(depth, batch_size, regret, plan_time, float(T[h, m]))
+        """Tell the replan schedule what this plan cost, what the last decision would have lost
+        against this one (both priced alike), and whether this one may be reused (`replan.py`).
+        h: the chosen depth (0: no speculation); last_in: the lowest-ranked chosen request when the
+        plan left some out (None: all that may draft were chosen); margin: its SLO check."""
+        ids = [r.request_id for r in batch.requests]
+        depths = self._fixed or [0] * len(ids)
+        tokens, step = self._price(batch, depths)
+        regret, last = None, self.replan.depths(ids)
+        if last is not None:
+            old_tokens, old_step = self._price(batch, fit_limits(batch, last))
+            regret = max(0.0, 1.0 - (old_tokens / old_step) / (tokens / step))
+        safe = not (self.slo_aware and self._slo.active) or margin <= -SLO_HEADROOM
+        decision = None
+        if safe and not (self._fixed is not None and self._adapting):
+            newcomer = h  # all chosen: a request that joins drafts too; else if it would rank among them
+            if h and last_in is not None and self.acceptance.newcomer_unseen() < ranked[last_in][0]:
+                newcomer = 0
+            decision = (dict(zip(ids, depths, strict=True)), newcomer)
+        self.replan.planned(decision, len(ids), regret, plan_time, step)
 
     def keep_drafting(self, batch: BatchView, active: list[bool]) -> list[bool]:
         """One token of look-ahead: the catch-up cost is sunk now, every further draft step costs the

@@ -4,18 +4,19 @@ AdaSpec's plan weighs every (depth h, top-m requests) candidate with look-ahead 
 SLO check. On this project's CPUs that costs 0.2-0.8 ms of Python a step, and the Python work also
 slows the forwards around it: in session 10, on an Intel host where a batch-16 step takes ~18 ms,
 running adaspec's computations alongside static:3's shapes made the step 1.5 ms (8.6%) longer, and
-in closed loops most plans chose what the last one had chosen (depth 3 or 4 for every request).
+in closed loops most plans chose what the last one had chosen (depth 3 or 4 for all or nearly all
+requests).
 
-So after a plan that chose a uniform decision (no speculation, or depth h for every request that may
-draft), with every request comfortably inside its SLO, the next steps may reuse it without planning:
-- when a step does plan, it prices the reused decision on the new grid; the regret is how much less
-  efficient that is than the new choice (0 when the choice did not change);
-- the cost is the plan's measured time over the predicted step time;
-- the interval between plans doubles (up to `MAX_INTERVAL` steps) while the regret stays below the
-  cost, and halves when it is more than twice the cost; both are moving averages.
-A reused decision is dropped, and the next step plans, when the batch size moves by more than an
-eighth (the best depth depends on it), or the last plan was not uniform, chose the adaptive mode,
-or had a request near its SLO (`SLO_HEADROOM`).
+So after a plan in fixed mode (depth h for the top m requests, or no speculation), with every
+request comfortably inside its SLO, the next steps may reuse its depths by request id without
+planning; a request that joins gets depth h if the plan would have ranked a request without history
+among its top m, else none. When a step does plan, it prices the last decision with its own
+predictions: the regret is how much less efficient that is than the new choice (0 when the choice
+did not change). The cost is the plan's measured time over the predicted step time. The interval
+between plans doubles (up to `MAX_INTERVAL` steps) while the regret stays below the cost, and
+halves when it is more than twice the cost; both are moving averages. The next step plans when the
+batch size moves by more than an eighth (the best depth depends on it), or the last plan chose the
+adaptive mode or had a request near its SLO (`SLO_HEADROOM`).
 """
 
 from __future__ import annotations
@@ -34,32 +35,36 @@ class ReplanSchedule:
         self.interval = 1  # steps per plan
         self.regret: float | None = None  # moving average: efficiency lost to the reused decision
         self.cost: float | None = None  # moving average: plan time / step time
-        self._decision: tuple[int, int] | None = None  # (depth, batch size) that may be reused
+        self._decision: tuple[dict[str, int], int, int] | None = None  # depths by id, newcomers', batch size
         self._since = 0  # steps served by the decision since its plan
         self.plans = self.reuses = 0
 
-    @property
-    def last_depth(self) -> int | None:
-        """The depth of the last uniform decision (to price it on a new plan's grid), else None."""
-        return None if self._decision is None else self._decision[0]
+    def depths(self, request_ids: list[str]) -> list[int] | None:
+        """The last reusable decision applied to these requests (newcomers get its default depth), to
+        price it on a new plan's grid; None if there is none."""
+        if self._decision is None:
+            return None
+        by_id, default, _ = self._decision
+        return [by_id.get(rid, default) for rid in request_ids]
 
-    def reusable(self, batch_size: int) -> int | None:
-        """The depth to reuse at this step, or None: plan."""
+    def reusable(self, request_ids: list[str]) -> list[int] | None:
+        """The depths to reuse at this step, or None: plan."""
         if self._decision is None or self._since + 1 >= self.interval:
             return None
-        depth, size = self._decision
-        if abs(batch_size - size) > max(1, size // 8):
+        size = self._decision[2]
+        if abs(len(request_ids) - size) > max(1, size // 8):
             return None
         self._since += 1
         self.reuses += 1
-        return depth
+        return self.depths(request_ids)
 
-    def planned(self, depth: int | None, batch_size: int, regret: float | None, plan_time: float,
-                step_time: float) -> None:
-        """A plan ran: its uniform depth (None: not reusable), the regret of the last decision on
-        its grid (None: nothing to compare), its own time and the predicted step time (seconds)."""
+    def planned(self, decision: tuple[dict[str, int], int] | None, batch_size: int, regret: float | None,
+                plan_time: float, step_time: float) -> None:
+        """A plan ran: its decision (depth by request id and the depth of requests that join later;
+        None: not reusable), the regret of the last decision priced with this plan's predictions
+        (None: nothing to compare), its own time and the predicted step time (seconds)."""
         self.plans += 1
-        self._decision = None if depth is None else (depth, batch_size)
+        self._decision = None if decision is None else (*decision, batch_size)
         self._since = 0
         cost = plan_time / max(step_time, 1e-6)
         self.cost = cost if self.cost is None else DECAY * self.cost + (1 - DECAY) * cost
