@@ -234,6 +234,23 @@ def test_tokens_of_slow_requests_are_worth_more():
     assert drafted[1] >= drafted[0] and drafted[1] > 0
 
 
+def test_late_weighting_values_only_the_requests_behind_their_slo():
+    """adaspec-late: a token of a request behind its TPOT SLO counts its TPOT-so-far weight (at
+    least 1); a request on or ahead of its schedule counts 1, however fast it has been."""
+    from adaspec.spec.efficiency import SLOState, late_weighted
+
+    slow = request("slow", output_tokens=11, since_first_token=0.3, tpot_slo=0.02, remaining_tokens=10)
+    fast = request("fast", output_tokens=11, since_first_token=0.1, tpot_slo=0.02, remaining_tokens=10)
+    batch = BatchView([slow, fast], 8)  # 30 and 10 ms a token so far against a 20 ms SLO
+    assert SLOState(batch).behind(batch.requests) == [True, False]
+    assert late_weighted(batch.requests, SLOState(batch)) == pytest.approx([1.5, 1.0])
+    steady = request("steady", output_tokens=11, since_first_token=0.15, tpot_slo=0.02, remaining_tokens=10)
+    batch = BatchView([fast, steady], 8)  # both ahead: no weights
+    assert late_weighted(batch.requests, SLOState(batch)) is None
+    pol = make_policy("adaspec-late", 8)
+    assert pol.late_weighted and not pol.tpot_weighted and pol.describe()["late_weighted"]
+
+
 def test_tight_slo_leaves_only_no_speculation():
     """b has exactly a plain step's time a token left: only no speculation keeps it on track. When
     speculating gains little (4% here) the SLO-aware choice gives that up for b; the strict
@@ -666,7 +683,7 @@ def reference(tiny_pair):
 
 
 @pytest.mark.parametrize("name", ["threshold", "smartspec", "adaspec", "adaspec-drafter", "adaspec-noslo",
-                                  "adaspec-always", "adaspec-everystep"])
+                                  "adaspec-always", "adaspec-everystep", "adaspec-late"])
 def test_every_policy_is_lossless(tiny_pair, reference, name):
     pol = make_policy(name, 6, CostModel.linear(**CHEAP_DRAFT))
     spec = make_llm(tiny_pair, pol, slo_tpot_ms=50.0)

@@ -51,6 +51,7 @@ from adaspec.spec.efficiency import (
     SLOState,
     choose,
     continuation_grid,
+    late_weighted,
     next_token_options,
     prune_sequence,
     weighted,
@@ -66,19 +67,22 @@ class AdaSpecPolicy(ControlledPolicy):
     VARIANTS = {"adaspec": {}, "adaspec-noslo": {"slo_aware": False},
                 "adaspec-drafter": {"verifier": False, "slo_aware": False},
                 "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True},
-                "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False}}
+                "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False},
+                "adaspec-late": {"late_weighted": True}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
-                 plan_prior_weight: float | None = None, reuse_plans: bool = True):
+                 plan_prior_weight: float | None = None, reuse_plans: bool = True,
+                 late_weighted: bool = False):
         if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
             acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
         self.tpot_weighted = tpot_weighted  # tokens valued per request for mean TPOT (efficiency.weighted)
+        self.late_weighted = late_weighted  # the same, for requests behind their SLO only
         self._weights: list[float] | None = None
         self.mean_tpot = mean_tpot  # rank candidates by the batch's mean time per token (see _choose)
         # The plan ranks requests by their look-ahead and drafts for the top m: with a fixed prior
@@ -165,6 +169,7 @@ class AdaSpecPolicy(ControlledPolicy):
         if self.slo_aware:
             d["rescue_loss"] = self.rescue_loss
         d["tpot_weighted"] = self.tpot_weighted
+        d["late_weighted"] = self.late_weighted
         d["mean_tpot"] = self.mean_tpot
         d["plan_prior_weight"] = self.plan_prior_weight
         d["adaptation"] = None if self.adaptation is None else self.adaptation.report()
@@ -200,7 +205,12 @@ class AdaSpecPolicy(ControlledPolicy):
             self.log.add("plan", [], "reused", depths=self._planned)
             return self._planned
         self._slo = SLOState(batch, self.between)
-        self._weights = weighted(reqs) if self.tpot_weighted else None
+        if self.tpot_weighted:
+            self._weights = weighted(reqs)
+        elif self.late_weighted and self._slo.active:
+            self._weights = late_weighted(reqs, self._slo)
+        else:
+            self._weights = None
         self._planned = [0] * len(reqs)
         K = max((r.max_draft for r in reqs), default=0)
         # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K); the
