@@ -23,7 +23,9 @@ the P99 TPOT by 10-28% but not the mean (docs/policies.md).
 Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO),
 `adaspec-always` (keep_drafting and prune in every speculating step, as the paper); `adaspec-tpot`
 is `adaspec` with `tpot_weighted=True`, `adaspec-meantpot` with `mean_tpot=True` (candidates ranked
-by the batch's mean time per token instead of its tokens per second).
+by the batch's mean time per token instead of its tokens per second), `adaspec-late` with
+`late_weighted=True` (only requests behind their SLO weighted, `efficiency.late_weighted`; on the
+conversation trace in session 10 it cut the P99 TPOT but not the mean, docs/trace_replay.md).
 
 keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on by default) a
 speculating step runs them only where, at this batch size, their measured cost has been below the
