@@ -18,23 +18,14 @@ there, after the engine has timed the step).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
 from pathlib import Path
 
+from adaspec.bench import closed_loop
 from adaspec.engine.sequence import SLO
-from adaspec.llm import DEFAULT_PAIR, build_engine
-
-HERE = Path(__file__).resolve().parent
-
-
-def _closed_loop():
-    spec = importlib.util.spec_from_file_location("policies_closed_loop", HERE / "policies_closed_loop.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from adaspec.llm import build_engine
 
 
 class Shadow:
@@ -86,13 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default="4,16")
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--model", default=str(DEFAULT_PAIR / "target"))
-    ap.add_argument("--draft-model", default=str(DEFAULT_PAIR / "draft"))
-    ap.add_argument("--prompts", type=Path, default=DEFAULT_PAIR / "prompts.jsonl")
-    ap.add_argument("--max-prompt-tokens", type=int, default=400)
+    closed_loop.add_pair_args(ap)
     ap.add_argument("--out", type=Path, help="also write OUT.json")
     a = ap.parse_args(argv)
-    loop = _closed_loop()
     levels = [int(c) for c in a.concurrency.split(",")]
     engines = {}
     for role in ("baseline", "shadow"):
@@ -103,20 +90,20 @@ def main(argv=None) -> int:
                                   max_num_seqs=max(levels)).policy  # with its profiled cost model
             engine.policy = Shadow(tested, engine.policy)
         engines[role] = engine
-    text = loop.load_prompts(a.prompts, None)
+    text = closed_loop.load_prompts(a.prompts, None)
     limit = min(a.max_prompt_tokens, engines["baseline"].max_model_len - a.max_tokens - 1)
     prompts = [engines["baseline"].tokenizer(p)["input_ids"][:limit] for p in text]
     slo = SLO(tpot=0.1)
     results = []
     for c in levels:
         for engine in engines.values():  # warm-up: compiled paths, the policy's first observations
-            loop.run_level(engine, prompts[-16:], c, max(8, c), min(32, a.max_tokens), 0.0, slo)
+            closed_loop.run_level(engine, prompts[-16:], c, max(8, c), min(32, a.max_tokens), 0.0, slo)
         runs = {role: [] for role in engines}
         for rep in range(a.repeats):
             for role in (list(engines) if rep % 2 == 0 else list(engines)[::-1]):
                 engine = engines[role]
                 engine.telemetry.clear()
-                loop.run_level(engine, prompts, c, 2 * c, a.max_tokens, 0.0, slo)
+                closed_loop.run_level(engine, prompts, c, 2 * c, a.max_tokens, 0.0, slo)
                 fig = step_figures(engine.telemetry, c)
                 if fig is not None:
                     runs[role].append(fig)

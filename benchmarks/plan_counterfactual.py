@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import sys
 from collections import Counter
@@ -28,18 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from adaspec import SamplingParams
+from adaspec.bench import closed_loop
 from adaspec.engine.sequence import SLO
 from adaspec.llm import DEFAULT_PAIR, build_engine
 from adaspec.spec.adaspec_policy import AdaSpecPolicy
-
-HERE = Path(__file__).resolve().parent
-
-
-def _closed_loop():
-    spec = importlib.util.spec_from_file_location("policies_closed_loop", HERE / "policies_closed_loop.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class AlternatingPlan(AdaSpecPolicy):
@@ -136,7 +127,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tpot-slo-ms", type=float, required=True)
     ap.add_argument("--out", type=Path, default=Path("docs/plan_counterfactual"))
     a = ap.parse_args(argv)
-    cl = _closed_loop()
     levels = [int(c) for c in a.concurrency.split(",")]
     policy = AlternatingPlan(a.depth)
     slo = SLO(a.tpot_slo_ms / 1e3)
@@ -149,14 +139,14 @@ def main(argv=None) -> int:
             if not prompts:
                 tok = engine.tokenizer
                 limit = min(a.max_prompt_tokens, engine.max_model_len - a.max_tokens - 1)
-                prompts = [tok(p)["input_ids"][:limit] for p in cl.load_prompts(a.prompts, None)]
+                prompts = [tok(p)["input_ids"][:limit] for p in closed_loop.load_prompts(a.prompts, None)]
             first = len(policy.records)
             for p in prompts[-8:]:  # warm-up (first-call work, first observations), not measured
                 engine.add_request(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
             while engine.has_unfinished():
                 engine.step()
             del policy.records[first:]
-            row = cl.run_level(engine, prompts, c, max(8, 2 * c), a.max_tokens, 0.0, slo)
+            row = closed_loop.run_level(engine, prompts, c, max(8, 2 * c), a.max_tokens, 0.0, slo)
             for r in policy.records[first:]:
                 r.update(level=c, repeat=rep)
             print(f"[{rep}] c={c}: TPOT mean {row['tpot_mean_ms']:.1f} ms, "

@@ -34,14 +34,13 @@ import json
 import platform
 import statistics
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from adaspec import SamplingParams, __version__
+from adaspec.bench.closed_loop import load_prompts, run_level
 from adaspec.bench.metrics import paired_ratio
 from adaspec.bench.report import git_commit
 from adaspec.engine.sequence import SLO
@@ -57,60 +56,6 @@ from adaspec.spec.decisions import compact
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("none,static:1,static:3,static:5,threshold,smartspec,adaspec-drafter,adaspec-noslo,"
             "adaspec-always,adaspec")
-
-
-def load_prompts(path: Path, n: int | None) -> list[str]:
-    """First turn of each Spec-Bench-format JSONL row (also accepts a 'prompt' field)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    prompts = [r["turns"][0] if "turns" in r else r["prompt"] for r in rows]
-    return prompts[:n] if n else prompts
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-def run_level(engine, prompts: list[list[int]], concurrency: int, num_requests: int, max_tokens: int,
-              temperature: float, slo: SLO) -> dict:
-    """Keep `concurrency` requests in flight until `num_requests` have finished."""
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
-    first_step = len(engine.telemetry)
-    in_flight, done, sent = [], [], 0
-    t0 = time.perf_counter()
-    while len(done) < num_requests:
-        while len(in_flight) < concurrency and sent < num_requests:
-            in_flight.append(engine.add_request(prompts[sent % len(prompts)], params, slo=slo))
-            sent += 1
-        engine.step()
-        for s in [s for s in in_flight if s.finished]:
-            in_flight.remove(s)
-            done.append(s)
-    duration = time.perf_counter() - t0
-    failed = [s for s in done if s.finish_reason not in ("length", "stop")]
-    ok = [s for s in done if s not in failed and s.num_output_tokens > 1]
-    tpot = [(s.finish_time - s.first_token_time) / (s.num_output_tokens - 1) for s in ok]
-    ttft = [s.first_token_time - s.arrival_time for s in done if s.first_token_time is not None]
-    met = [s for s, t in zip(ok, tpot, strict=True) if (slo.tpot is None or t <= slo.tpot)
-           and (slo.ttft is None or s.first_token_time - s.arrival_time <= slo.ttft)]
-    drafted = sum(s.stats.drafted for s in done)
-    accepted = sum(s.stats.accepted for s in done)
-    steps = sum(s.stats.steps for s in done)
-    return {
-        "concurrency": concurrency, "requests": len(done), "failed": len(failed),
-        "duration_s": duration, "output_tokens": sum(s.num_output_tokens for s in done),
-        "throughput_tok_s": sum(s.num_output_tokens for s in done) / duration,
-        "tpot_mean_ms": 1e3 * statistics.fmean(tpot) if tpot else float("nan"),
-        "tpot_median_ms": 1e3 * statistics.median(tpot) if tpot else float("nan"),
-        "tpot_p99_ms": 1e3 * percentile(tpot, 99),
-        "ttft_mean_ms": 1e3 * statistics.fmean(ttft) if ttft else float("nan"),
-        "ttft_p99_ms": 1e3 * percentile(ttft, 99),
-        "slo_attainment": len(met) / len(done),  # failed requests count as misses
-        "acceptance_rate": accepted / drafted if drafted else 0.0,
-        "mean_acceptance_length": 1 + accepted / steps if steps else 0.0,
-        "mean_speculation_length": drafted / steps if steps else 0.0,
-        "decode_steps": sum(1 for r in list(engine.telemetry)[first_step:] if r.kind == "decode"),
-    }
-
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

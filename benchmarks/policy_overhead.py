@@ -17,7 +17,6 @@ isolation.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -26,11 +25,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
+from adaspec.bench import closed_loop
 from adaspec.engine.sequence import SLO
-from adaspec.llm import DEFAULT_PAIR, build_engine
+from adaspec.llm import build_engine
 from adaspec.spec import acceptance, adaspec_policy, cost_model
 
-HERE = Path(__file__).resolve().parent
 DECISIONS = ("plan", "keep_drafting", "prune", "observe")
 PARTS = ((adaspec_policy, "continuation_grid", "plan: continuation_grid"),
          (acceptance.AcceptanceModel, "unseen_table", "plan: unseen_table"),
@@ -38,13 +37,6 @@ PARTS = ((adaspec_policy, "continuation_grid", "plan: continuation_grid"),
          (acceptance.AcceptanceModel, "_score_rank_weights", "observe: ... of which _score_rank_weights"),
          (cost_model.CostModel, "observe", "observe: CostModel.observe"),
          (adaspec_policy.AdaSpecPolicy, "expected_tokens", "observe: expected_tokens (logged)"))
-
-
-def _closed_loop():
-    spec = importlib.util.spec_from_file_location("policies_closed_loop", HERE / "policies_closed_loop.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class Clock:
@@ -75,18 +67,14 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default="adaspec,static:3")
     ap.add_argument("--concurrency", default="1,4,32")
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--model", default=str(DEFAULT_PAIR / "target"))
-    ap.add_argument("--draft-model", default=str(DEFAULT_PAIR / "draft"))
-    ap.add_argument("--prompts", type=Path, default=DEFAULT_PAIR / "prompts.jsonl")
-    ap.add_argument("--max-prompt-tokens", type=int, default=400)
+    closed_loop.add_pair_args(ap)
     ap.add_argument("--out", type=Path, help="also write OUT.json")
     a = ap.parse_args(argv)
-    loop = _closed_loop()
     clock = Clock()
     with ExitStack() as patches:  # class and module attributes, put back on the way out
         for owner, name, label in PARTS:
             patches.enter_context(mock.patch.object(owner, name, clock.timed(getattr(owner, name), label)))
-        results = measure(a, loop, clock)
+        results = measure(a, clock)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         args = sys.argv[1:] if argv is None else argv
@@ -95,9 +83,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def measure(a: argparse.Namespace, loop, clock: Clock) -> list[dict]:
+def measure(a: argparse.Namespace, clock: Clock) -> list[dict]:
     """Per policy and level: the closed loop's decode steps, and the clock's time per step."""
-    prompts_text = loop.load_prompts(a.prompts, None)
+    prompts_text = closed_loop.load_prompts(a.prompts, None)
     slo = SLO(tpot=0.1)
     results = []
     for policy in a.policies.split(","):
@@ -109,9 +97,10 @@ def measure(a: argparse.Namespace, loop, clock: Clock) -> list[dict]:
         for name in DECISIONS:  # the instance's bound methods
             setattr(engine.policy, name, clock.timed(getattr(engine.policy, name), name))
         for c in levels:
-            loop.run_level(engine, prompts[-16:], c, max(8, c), min(32, a.max_tokens), 0.0, slo)  # warm-up
+            # warm-up
+            closed_loop.run_level(engine, prompts[-16:], c, max(8, c), min(32, a.max_tokens), 0.0, slo)
             clock.clear()
-            run = loop.run_level(engine, prompts, c, max(8, 3 * c), a.max_tokens, 0.0, slo)
+            run = closed_loop.run_level(engine, prompts, c, max(8, 3 * c), a.max_tokens, 0.0, slo)
             steps = max(run["decode_steps"], 1)
             per_step = {k: round(1e3 * v / steps, 3) for k, v in clock.seconds.items()}
             decisions = sum(per_step.get(k, 0.0) for k in DECISIONS)

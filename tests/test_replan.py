@@ -92,6 +92,7 @@ def test_a_request_near_its_slo_makes_every_step_plan():
 
 def test_adaspec_everystep_is_a_named_ablation():
     assert make_policy("adaspec-everystep", 8).replan is None and make_policy("adaspec", 8).replan
+    assert not make_policy("adaspec-uniformreuse", 8).reuse_ragged and make_policy("adaspec", 8).reuse_ragged
 
 
 def test_a_ragged_decision_is_reused_request_by_request():
@@ -102,3 +103,14 @@ def test_a_ragged_decision_is_reused_request_by_request():
     assert pol.replan.reuses > 0
     # a request that joins without history ranks below the confident one: it would not draft
     assert pol.replan.depths(["a", "new"]) == [plans[0][0], 0]
+
+
+def test_adaspec_uniformreuse_plans_again_after_a_ragged_decision():
+    cost = CostModel.linear(draft_step=0.5 * MS, verify_step=10 * MS, verify_per_token=1 * MS, padded=False)
+    pol = fixed_mode(adaspec(cost, {"a": 0.9, "b": 0.05}, name="adaspec-uniformreuse"))
+    plans = [drive(pol, BatchView([request("a"), request("b")], 8))[0] for _ in range(8)]
+    assert plans[0][0] > 0 and plans[0][1] == 0 and all(p == plans[0] for p in plans)
+    assert pol.replan.reuses == 0 and pol.replan.plans == 8
+    pol = fixed_mode(adaspec(COST, RATES, name="adaspec-uniformreuse"))
+    run_steps(pol)
+    assert pol.replan.reuses > 0  # a uniform decision is still reused

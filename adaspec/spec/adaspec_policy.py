@@ -31,9 +31,10 @@ keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on
 speculating step runs them only where, at this batch size, their measured cost has been below the
 efficiency they were predicted to add (`adaptation.py`); otherwise the plan's requests draft its
 depth h, without questions, and verify it all. The plan costs time too: with `reuse_plans` (on by
-default) a uniform decision made with every request well inside its SLO may serve the next steps,
+default) a fixed-mode decision made with every request well inside its SLO may serve the next steps,
 for as many steps as re-planning has measurably changed less than it cost (`replan.py`);
-`adaspec-everystep` plans every step.
+`adaspec-everystep` plans every step, `adaspec-uniformreuse` reuses only decisions that treat every
+request alike (the first version of the rule, c38eafc).
 """
 
 from __future__ import annotations
@@ -70,14 +71,14 @@ class AdaSpecPolicy(ControlledPolicy):
                 "adaspec-drafter": {"verifier": False, "slo_aware": False},
                 "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True},
                 "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False},
-                "adaspec-late": {"late_weighted": True}}
+                "adaspec-late": {"late_weighted": True}, "adaspec-uniformreuse": {"reuse_ragged": False}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
                  plan_prior_weight: float | None = None, reuse_plans: bool = True,
-                 late_weighted: bool = False):
+                 late_weighted: bool = False, reuse_ragged: bool = True):
         if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
             acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
@@ -95,6 +96,7 @@ class AdaSpecPolicy(ControlledPolicy):
         self.adaptation = AdaptationValue() if cost_aware_adaptation else None
         # None: plan every step; else a uniform decision may serve the next steps (`replan.py`)
         self.replan = ReplanSchedule() if reuse_plans else None
+        self.reuse_ragged = reuse_ragged  # False: reuse only decisions that treat every request alike
         # what times the plan's own cost; a simulator sets its clock, which a plan does not advance
         # (it charges nothing for decisions), so there the plan runs every step, deterministically
         self.clock = time.perf_counter
@@ -284,7 +286,8 @@ class AdaSpecPolicy(ControlledPolicy):
             regret = max(0.0, 1.0 - (old_tokens / old_step) / (tokens / step))
         safe = not (self.slo_aware and self._slo.active) or margin <= -SLO_HEADROOM
         decision = None
-        if safe and not (self._fixed is not None and self._adapting):
+        uniform = not h or last_in is None
+        if safe and not (self._fixed is not None and self._adapting) and (uniform or self.reuse_ragged):
             newcomer = h  # all chosen: a request that joins drafts too; else if it would rank among them
             if h and last_in is not None and self.acceptance.newcomer_unseen() < ranked[last_in][0]:
                 newcomer = 0
