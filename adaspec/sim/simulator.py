@@ -89,8 +89,7 @@ class Simulator:
             pol.cost_model = cm
         if isinstance(cm, FittedCostModel):  # the policy's own time outside the forwards
             cm.use_policy(pol.name)
-        if hasattr(pol, "clock"):  # a policy that times itself reads simulated time (deterministic)
-            pol.clock = lambda: self.now
+        pol.clock = lambda: self.now  # decisions cost no simulated time (Policy.clock)
         return pol
 
     def run_length(self, request_id: str, cap: int) -> int:

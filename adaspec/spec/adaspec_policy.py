@@ -39,8 +39,6 @@ request alike (the first version of the rule, c38eafc).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from adaspec.spec.acceptance import RANK_WEIGHTS, AcceptanceModel
@@ -97,9 +95,6 @@ class AdaSpecPolicy(ControlledPolicy):
         # None: plan every step; else a uniform decision may serve the next steps (`replan.py`)
         self.replan = ReplanSchedule() if reuse_plans else None
         self.reuse_ragged = reuse_ragged  # False: reuse only decisions that treat every request alike
-        # what times the plan's own cost; a simulator sets its clock, which a plan does not advance
-        # (it charges nothing for decisions), so there the plan runs every step, deterministically
-        self.clock = time.perf_counter
         self._adapting = True  # this step runs keep_drafting and prune
         self._fixed: list[int] | None = None  # the plan's fixed depths, when it speculates
         self._gain: float | None = None
@@ -253,37 +248,23 @@ class AdaSpecPolicy(ControlledPolicy):
         if self.replan is not None:
             last_in = None if m == len(cont) else order[m - 1]  # the lowest-ranked chosen, if some were not
             self._schedule(batch, ranked, last_in, h if m else 0, checks.get(choice, 1.0),
-                           self.clock() - started)
+                           self.clock() - started, float(T[h, m]))
         return self._planned
 
-    def _price(self, batch: BatchView, depths: list[int]) -> tuple[float, float]:
-        """Expected tokens and predicted step time of drafting and verifying `depths`, as the plan
-        sees it: look-ahead acceptance, draft catch-up of steady speculation (STEADY_LAG)."""
-        tokens = 0.0
-        for row, n in zip(self._unseen, depths, strict=True):
-            p = 1.0
-            tokens += 1
-            for j in range(n):
-                p *= row[j]
-                tokens += p
-        reqs = batch.requests
-        shape = StepShape([r.context_len for r in reqs], [min(r.draft_lag, STEADY_LAG) for r in reqs],
-                          depths, depths)
-        return tokens, self.costs.predict(shape).total
-
     def _schedule(self, batch: BatchView, ranked, last_in: int | None, h: int, margin: float,
-                  plan_time: float) -> None:
+                  plan_time: float, step_time: float) -> None:
         """Tell the replan schedule what this plan cost, what the last decision would have lost
         against this one (both priced alike), and whether this one may be reused (`replan.py`).
         h: the chosen depth (0: no speculation); last_in: the lowest-ranked chosen request when the
-        plan left some out (None: all that may draft were chosen); margin: its SLO check."""
+        plan left some out (None: all that may draft were chosen); margin: its SLO check;
+        step_time: the chosen candidate's predicted step time."""
         ids = [r.request_id for r in batch.requests]
         depths = self._fixed or [0] * len(ids)
-        tokens, step = self._price(batch, depths)
         regret, last = None, self.replan.depths(ids)
-        if last is not None:
-            old_tokens, old_step = self._price(batch, fit_limits(batch, last))
-            regret = max(0.0, 1.0 - (old_tokens / old_step) / (tokens / step))
+        if last is not None:  # both priced as the plan sees them (no drafts yet: look-ahead only)
+            last = fit_limits(batch, last)
+            regret = max(0.0, 1.0 - self._predicted_efficiency(batch, last, last, steady=True)
+                         / self._predicted_efficiency(batch, depths, depths, steady=True))
         safe = not (self.slo_aware and self._slo.active) or margin <= -SLO_HEADROOM
         decision = None
         uniform = not h or last_in is None
@@ -292,7 +273,7 @@ class AdaSpecPolicy(ControlledPolicy):
             if h and last_in is not None and self.acceptance.newcomer_unseen() < ranked[last_in][0]:
                 newcomer = 0
             decision = (dict(zip(ids, depths, strict=True)), newcomer)
-        self.replan.planned(decision, len(ids), regret, plan_time, step)
+        self.replan.planned(decision, len(ids), regret, plan_time, step_time)
 
     def keep_drafting(self, batch: BatchView, active: list[bool]) -> list[bool]:
         """One token of look-ahead: the catch-up cost is sunk now, every further draft step costs the
@@ -344,9 +325,11 @@ class AdaSpecPolicy(ControlledPolicy):
 
     # ------------------------------------------------------------------------------ adaptation value
 
-    def _predicted_efficiency(self, batch: BatchView, drafted: list[int], verified: list[int]) -> float:
+    def _predicted_efficiency(self, batch: BatchView, drafted: list[int], verified: list[int],
+                              steady: bool = False) -> float:
         """Expected tokens / predicted step time of a shape: this step's prefix probabilities where
-        the drafts exist, look-ahead acceptance beyond them (for the plan's depths not drafted)."""
+        the drafts exist, look-ahead acceptance beyond them (for the plan's depths not drafted).
+        steady: the draft catch-up of steady speculation (STEADY_LAG), as the plan prices it."""
         tokens = 0.0
         for i, (ps, n) in enumerate(zip(self._prefix_probs, verified, strict=True)):
             tokens += 1 + sum(ps[:n])
@@ -355,7 +338,8 @@ class AdaSpecPolicy(ControlledPolicy):
                 p *= self._unseen[i][j]
                 tokens += p
         reqs = batch.requests
-        shape = StepShape([r.context_len for r in reqs], [r.draft_lag for r in reqs], drafted, verified)
+        lags = [min(r.draft_lag, STEADY_LAG) if steady else r.draft_lag for r in reqs]
+        shape = StepShape([r.context_len for r in reqs], lags, drafted, verified)
         return tokens / self.costs.predict(shape).total
 
     def _measure_gain(self, batch: BatchView, drafted: list[int], verified: list[int]) -> None:

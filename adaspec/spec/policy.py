@@ -15,6 +15,7 @@ policy can never break them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -83,6 +84,10 @@ class Policy:
 
     name = "none"
     uses_draft = False  # False: the engine need not keep a draft model's cache at all
+    # What a policy times its own work with (adaspec's plan reuse weighs the plan's cost). A
+    # simulator sets its own clock, which a decision does not advance (it charges nothing for
+    # decisions): there such costs are zero and the runs deterministic.
+    clock = staticmethod(time.perf_counter)
     needs_cost_model = False  # True: `cost_model` must be set (build_engine profiles one)
     cost_model = None
 
