@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adaspec.llm import DEFAULT_PAIR
-from adaspec.train import corpus, pair
+from adaspec.train import card, corpus, pair
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -71,9 +71,17 @@ def test_training_reduces_loss_and_resumes(tmp_path):
     w2.mkdir()
     shutil.copy(w / "train.npy", w2 / "train.npy")
     shutil.copytree(w / "tokenizer", w2 / "tokenizer")
-    pair.train_target(w2, _tiny_cfg(target_steps=10, init_from=tmp_path / "export"), "cpu")
+    (tmp_path / "export" / "card.json").write_text(json.dumps(
+        {"training": {"target_steps": 50, "target_tokens": 50 * 8 * 32}}))
+    cfg2 = _tiny_cfg(target_steps=10, init_from=tmp_path / "export")
+    pair.train_target(w2, cfg2, "cpu")
     assert "initialized_from" in (w2 / "train.log").read_text()
     assert _losses(w2, "target")[0] < losses[0]
+    # The card counts the exported pair's training and the continuation, as two stages.
+    summary = card.training_summary(w2, cfg2)
+    assert summary["target_steps"] == 60 and summary["target_stages"] == [50, 10]
+    assert summary["target_tokens"] == 60 * 8 * 32
+    assert summary["draft_steps"] == 0 and "draft_stages" not in summary
 
 
 def test_batches_are_a_function_of_seed_and_step():

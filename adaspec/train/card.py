@@ -122,15 +122,52 @@ def measure(pair: Path) -> dict:
 
 
 def training_summary(workdir: Path, cfg) -> dict:
-    """Steps and tokens seen per model, from the training log and config."""
+    """Steps and tokens seen per model: this work directory's run (from its log and config) plus,
+    when it continued from an exported pair, that pair's own training (recorded in the log when
+    training started from it)."""
+    from adaspec.train.pair import prior_training
+
     steps = {"target": 0, "draft": 0}
+    prior = {"target": {"steps": 0, "tokens": 0}, "draft": {"steps": 0, "tokens": 0}}
     for line in (workdir / "train.log").read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("phase") in steps and "step" in rec:
-            steps[rec["phase"]] = max(steps[rec["phase"]], rec["step"])
-    return {"target_steps": steps["target"], "draft_steps": steps["draft"],
-            "target_tokens": steps["target"] * cfg.target_batch * cfg.seq_len,
-            "draft_tokens": steps["draft"] * cfg.draft_batch * cfg.seq_len}
+        name = rec.get("phase")
+        if name not in steps:
+            continue
+        if "step" in rec:
+            steps[name] = max(steps[name], rec["step"])
+        if "initialized_from" in rec:  # logs before this record was added: read the pair's card
+            prior[name] = rec.get("prior") or prior_training(Path(rec["initialized_from"]).parent, name)
+    batch = {"target": cfg.target_batch, "draft": cfg.draft_batch}
+    out = {}
+    for name in steps:
+        out[f"{name}_steps"] = prior[name]["steps"] + steps[name]
+        out[f"{name}_tokens"] = prior[name]["tokens"] + steps[name] * batch[name] * cfg.seq_len
+        if prior[name]["steps"]:
+            out[f"{name}_stages"] = [prior[name]["steps"], steps[name]]
+    return out
+
+
+def _training_cell(train: dict, name: str) -> str:
+    stages = train.get(f"{name}_stages")
+    steps = " + ".join(f"{s:,}" for s in stages) if stages else f"{train[f'{name}_steps']:,}"
+    return f"{steps} steps, {train[f'{name}_tokens']:,} tokens"
+
+
+def _reproduce(train: dict) -> list[str]:
+    """The commands that rebuild this pair: one run, or a first run and its continuation."""
+    t, d = train.get("target_stages"), train.get("draft_stages")
+    if not (t or d):
+        return ["Reproduce: `python -m adaspec.train all` (prepare, target, draft, eval, export; resumable),",
+                f"then `{CARD_COMMAND}` re-measures every number below and rewrites this card."]
+    t = t or [0, train.get("target_steps", 0)]
+    d = d or [0, train.get("draft_steps", 0)]
+    return [f"Reproduce: `python -m adaspec.train all --target-steps {t[0]} --draft-steps {d[0]} "
+            "--workdir runs/pair` (prepare, target,",
+            "draft, eval, export into adaspec/models/default; resumable), then continue from that export:",
+            f"`python -m adaspec.train all --workdir runs/pair2 --init-from adaspec/models/default "
+            f"--target-steps {t[1]} --draft-steps {d[1]}`,",
+            f"which ends with `{CARD_COMMAND}` re-measuring every number below and rewriting this card."]
 
 
 def render(res: dict, train: dict, valid: dict, cfg) -> str:
@@ -145,8 +182,7 @@ def render(res: dict, train: dict, valid: dict, cfg) -> str:
         "real pair without any download. They are small and weak: useful to exercise speculative",
         "decoding end to end, not to write code.",
         "",
-        "Reproduce: `python -m adaspec.train all` (prepare, target, draft, eval, export; resumable),",
-        f"then `{CARD_COMMAND}` re-measures every number below and rewrites this card.",
+        *_reproduce(train),
         "",
         "## Corpus and split",
         f"- Python {res['python']} standard library `.py` files (tests excluded), split by file with",
@@ -162,8 +198,8 @@ def render(res: dict, train: dict, valid: dict, cfg) -> str:
         f"{cfg.target.num_attention_heads} ({cfg.target.num_key_value_heads}) | "
         f"{cfg.draft.num_hidden_layers} / {cfg.draft.hidden_size} / {cfg.draft.num_attention_heads} "
         f"({cfg.draft.num_key_value_heads}) |",
-        f"| training | {train['target_steps']} steps, {train['target_tokens']:,} tokens, data loss | "
-        f"{train['draft_steps']} steps, {train['draft_tokens']:,} tokens, distilled: "
+        f"| training | {_training_cell(train, 'target')}, data loss | "
+        f"{_training_cell(train, 'draft')}, distilled: "
         f"{cfg.kd_weight} KL(target‖draft) + {1 - cfg.kd_weight:.1f} data loss |",
         f"| validation loss (nats/token, training checkpoint) | {valid.get('target_loss')} | "
         f"{valid.get('draft_loss')} |",
@@ -190,8 +226,10 @@ def render(res: dict, train: dict, valid: dict, cfg) -> str:
               "greedy acceptance flatters a weak pair (both models fall into the same repetition, see the",
               "samples below); the teacher-forced agreement above is the figure to judge the pair by.", "",
               "## Greedy samples from the target", "",
-              "The target saw under 2M tokens on two CPU cores: it writes Python-shaped text (signatures,",
-              "indented docstrings) that quickly turns repetitive. For a stronger pair, continue with",
+              f"The target saw {train.get('target_tokens', 0) / 1e6:.1f}M tokens on two CPU cores "
+              "(the train split holds about 3.2M). Steps written",
+              "a + b: trained a steps, then continued b more from the exported weights with a fresh",
+              "learning-rate schedule (warm-up, cosine decay). For a stronger pair, continue with",
               "`python -m adaspec.train all --target-steps N --draft-steps M` (resumes from the work",
               "directory's checkpoints; on a machine without them add `--init-from adaspec/models/default`",
               "to start from the shipped weights and tokenizer).", ""]

@@ -147,7 +147,8 @@ def _train_loop(workdir: Path, name: str, model, total: int, bsz: int, peak_lr: 
 
         init = LlamaForCausalLM.from_pretrained(cfg.init_from / name, dtype=torch.float32)
         model.load_state_dict(init.state_dict())
-        log(workdir, phase=name, initialized_from=str(cfg.init_from / name))
+        log(workdir, phase=name, initialized_from=str(cfg.init_from / name),
+            prior=prior_training(cfg.init_from, name))
     train = np.load(workdir / "train.npy")
     model.train()
     t0, tokens = time.time(), 0
@@ -169,6 +170,16 @@ def _train_loop(workdir: Path, name: str, model, total: int, bsz: int, peak_lr: 
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
             tmp.replace(ckpt)
+
+
+def prior_training(exported: Path, which: str) -> dict:
+    """Steps and tokens an exported pair's model had seen (from its card), so a card written after
+    continuing from it counts its whole training, not only the continuation."""
+    card = exported / "card.json"
+    if not card.exists():
+        return {"steps": 0, "tokens": 0}
+    t = json.loads(card.read_text()).get("training", {})
+    return {"steps": int(t.get(f"{which}_steps", 0)), "tokens": int(t.get(f"{which}_tokens", 0))}
 
 
 def build_model(cfg: PairConfig, which: str, eos_id: int):
