@@ -103,7 +103,7 @@ def machine() -> str:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} CPU cores (shared with other jobs, run under nice 19), "
+    return (f"{cpu}, {os.cpu_count()} CPU cores (simulator at nice {os.nice(0)} when the run started), "
             f"{platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} (1 thread)")
 
 
