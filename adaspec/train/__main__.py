@@ -22,13 +22,15 @@ def main(argv=None) -> None:
     ap.add_argument("--target-steps", type=int)
     ap.add_argument("--draft-steps", type=int)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--top1-weight", type=float, help="weight of a cross-entropy term to the target's "
+                    "argmax in the draft's distillation loss (default 0)")
     ap.add_argument("--init-from", type=Path, help="continue from an exported pair (e.g. adaspec/models/"
                     "default) when the work directory has no checkpoints")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = pair.PairConfig()
-    for k in ("target_steps", "draft_steps", "seed", "init_from"):
+    for k in ("target_steps", "draft_steps", "seed", "init_from", "top1_weight"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
     w = args.workdir

@@ -200,7 +200,8 @@ def render(res: dict, train: dict, valid: dict, cfg) -> str:
         f"({cfg.draft.num_key_value_heads}) |",
         f"| training | {_training_cell(train, 'target')}, data loss | "
         f"{_training_cell(train, 'draft')}, distilled: "
-        f"{cfg.kd_weight} KL(target‖draft) + {1 - cfg.kd_weight:.1f} data loss |",
+        f"{cfg.kd_weight} KL(target‖draft) + {1 - cfg.kd_weight:.1f} data loss"
+        + (f" + {cfg.top1_weight} CE to the target's top token" if cfg.top1_weight else "") + " |",
         f"| validation loss (nats/token, training checkpoint) | {valid.get('target_loss')} | "
         f"{valid.get('draft_loss')} |",
         f"| held-out loss (exported weights) | {res['heldout']['target_loss']} | "

@@ -48,6 +48,8 @@ class PairConfig:
     draft_lr: float = 3e-3
     warmup: int = 50
     kd_weight: float = 0.8  # draft loss = kd_weight * KL(target || draft) + (1 - kd_weight) * CE
+    # + top1_weight * CE to the target's argmax: greedy acceptance counts only the top token
+    top1_weight: float = 0.0
     ckpt_every: int = 25
     seed: int = 0
     # Start from an exported pair (its tokenizer and weights) when the work directory has no
@@ -228,7 +230,10 @@ def distill_draft(workdir: Path, cfg: PairConfig, device: str) -> None:
         logq = F.log_softmax(logits, -1)
         kd = F.kl_div(logq, t_logp, log_target=True, reduction="batchmean")
         ce = F.cross_entropy(logits, x[:, 1:].reshape(-1))
-        return cfg.kd_weight * kd + (1 - cfg.kd_weight) * ce
+        loss = cfg.kd_weight * kd + (1 - cfg.kd_weight) * ce
+        if cfg.top1_weight:
+            loss = loss + cfg.top1_weight * F.cross_entropy(logits, t_logp.argmax(-1))
+        return loss
 
     _train_loop(workdir, "draft", model, cfg.draft_steps, cfg.draft_batch, cfg.draft_lr, cfg,
                 loss_fn, device)
