@@ -125,8 +125,6 @@ def training_summary(workdir: Path, cfg) -> dict:
     """Steps and tokens seen per model: this work directory's run (from its log and config) plus,
     when it continued from an exported pair, that pair's own training (recorded in the log when
     training started from it)."""
-    from adaspec.train.pair import prior_training
-
     steps = {"target": 0, "draft": 0}
     prior = {"target": {"steps": 0, "tokens": 0}, "draft": {"steps": 0, "tokens": 0}}
     for line in (workdir / "train.log").read_text().splitlines():
@@ -136,8 +134,8 @@ def training_summary(workdir: Path, cfg) -> dict:
             continue
         if "step" in rec:
             steps[name] = max(steps[name], rec["step"])
-        if "initialized_from" in rec:  # logs before this record was added: read the pair's card
-            prior[name] = rec.get("prior") or prior_training(Path(rec["initialized_from"]).parent, name)
+        if "prior" in rec:
+            prior[name] = rec["prior"]
     batch = {"target": cfg.target_batch, "draft": cfg.draft_batch}
     out = {}
     for name in steps:
@@ -154,8 +152,9 @@ def _training_cell(train: dict, name: str) -> str:
     return f"{steps} steps, {train[f'{name}_tokens']:,} tokens"
 
 
-def _reproduce(train: dict) -> list[str]:
-    """The commands that rebuild this pair: one run, or a first run and its continuation."""
+def _reproduce(train: dict, cfg) -> list[str]:
+    """The commands that rebuild this pair: one run, or a first run and its continuation (the
+    exported pair's own training counts as one run: a pair continued twice needs its history)."""
     t, d = train.get("target_stages"), train.get("draft_stages")
     if not (t or d):
         return ["Reproduce: `python -m adaspec.train all` (prepare, target, draft, eval, export; resumable),",
@@ -166,7 +165,8 @@ def _reproduce(train: dict) -> list[str]:
             "--workdir runs/pair` (prepare, target,",
             "draft, eval, export into adaspec/models/default; resumable), then continue from that export:",
             f"`python -m adaspec.train all --workdir runs/pair2 --init-from adaspec/models/default "
-            f"--target-steps {t[1]} --draft-steps {d[1]}`,",
+            f"--target-steps {t[1]} --draft-steps {d[1]}"
+            + (f" --top1-weight {cfg.top1_weight}" if cfg.top1_weight else "") + "`,",
             f"which ends with `{CARD_COMMAND}` re-measuring every number below and rewriting this card."]
 
 
@@ -182,7 +182,7 @@ def render(res: dict, train: dict, valid: dict, cfg) -> str:
         "real pair without any download. They are small and weak: useful to exercise speculative",
         "decoding end to end, not to write code.",
         "",
-        *_reproduce(train),
+        *_reproduce(train, cfg),
         "",
         "## Corpus and split",
         f"- Python {res['python']} standard library `.py` files (tests excluded), split by file with",
@@ -228,9 +228,11 @@ def render(res: dict, train: dict, valid: dict, cfg) -> str:
               "samples below); the teacher-forced agreement above is the figure to judge the pair by.", "",
               "## Greedy samples from the target", "",
               f"The target saw {train.get('target_tokens', 0) / 1e6:.1f}M tokens on two CPU cores "
-              "(the train split holds about 3.2M). Steps written",
-              "a + b: trained a steps, then continued b more from the exported weights with a fresh",
-              "learning-rate schedule (warm-up, cosine decay). For a stronger pair, continue with",
+              "(the train split holds about 3.2M).",
+              *(["Steps written a + b: trained a steps, then continued b more from the exported weights",
+                 "with a fresh learning-rate schedule (warm-up, cosine decay)."]
+                if train.get("target_stages") or train.get("draft_stages") else []),
+              "For a stronger pair, continue with",
               "`python -m adaspec.train all --target-steps N --draft-steps M` (resumes from the work",
               "directory's checkpoints; on a machine without them add `--init-from adaspec/models/default`",
               "to start from the shipped weights and tokenizer).", ""]
