@@ -150,3 +150,15 @@ def test_distillation_with_top1_term_reduces_loss(tmp_path):
     cfg.top1_weight = 0.0
     pair.distill_draft(plain, cfg, "cpu")
     assert _losses(plain, "draft")[0] < d[0] - 1.0
+
+
+def test_training_phases_prepare_a_fresh_workdir(tmp_path, monkeypatch):
+    """`target` (or `draft`) on an empty work directory prepares it first; without a tokenizer the
+    error names the missing phase, not a model hub."""
+    with pytest.raises(ValueError, match="prepare"):
+        pair._load_tokenizer(tmp_path)
+    cfg = _tiny_cfg(target_steps=2)
+    prepared = []
+    monkeypatch.setattr(pair, "prepare", lambda w, c: prepared.append(w) or _tiny_workdir(w, c))
+    pair.train_target(tmp_path, cfg, "cpu")
+    assert prepared == [tmp_path] and torch.load(tmp_path / "target.pt")["step"] == 2

@@ -130,6 +130,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def _load_tokenizer(workdir: Path):
     from transformers import PreTrainedTokenizerFast
 
+    if not (workdir / "tokenizer" / "tokenizer.json").exists():  # else transformers asks a model hub
+        raise ValueError(f"workdir {str(workdir)!r} has no tokenizer: run the 'prepare' phase first "
+                         f"(python -m adaspec.train prepare --workdir {workdir})")
     return PreTrainedTokenizerFast.from_pretrained(workdir / "tokenizer")
 
 
@@ -200,6 +203,7 @@ def load_trained(workdir: Path, cfg: PairConfig, which: str, device: str):
 
 
 def train_target(workdir: Path, cfg: PairConfig, device: str) -> None:
+    prepare(workdir, cfg)  # nothing to do when the work directory is prepared
     tok = _load_tokenizer(workdir)
     model = build_model(cfg, "target", tok.eos_token_id).to(device)
     log(workdir, phase="target", params=sum(p.numel() for p in model.parameters()))
@@ -215,6 +219,7 @@ def train_target(workdir: Path, cfg: PairConfig, device: str) -> None:
 def distill_draft(workdir: Path, cfg: PairConfig, device: str) -> None:
     """Agreement with the target is what speculation needs, so the draft learns the target's
     next-token distribution (forward KL), with a little data loss mixed in."""
+    prepare(workdir, cfg)
     tok = _load_tokenizer(workdir)
     teacher = load_trained(workdir, cfg, "target", device)
     for p in teacher.parameters():
