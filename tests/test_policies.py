@@ -683,7 +683,8 @@ def reference(tiny_pair):
 
 
 @pytest.mark.parametrize("name", ["threshold", "smartspec", "adaspec", "adaspec-drafter", "adaspec-noslo",
-                                  "adaspec-always", "adaspec-everystep", "adaspec-late"])
+                                  "adaspec-always", "adaspec-everystep", "adaspec-late",
+                                  "adaspec-uniform"])
 def test_every_policy_is_lossless(tiny_pair, reference, name):
     pol = make_policy(name, 6, CostModel.linear(**CHEAP_DRAFT))
     spec = make_llm(tiny_pair, pol, slo_tpot_ms=50.0)
@@ -696,8 +697,9 @@ def test_every_policy_is_lossless(tiny_pair, reference, name):
         caps = [q["cap"] for q in r["requests"]]
         assert all(d <= min(c, 6) for d, c in zip(r["outcome"]["drafted"], caps, strict=True))
     modes = {p["choice"] for r in records for p in r["phases"] if p["phase"] == "mode"}
-    # cost-aware adaptation tries both ways of running a speculating step (adaspec-always: no choice)
-    assert modes == ({"adaptive"} if name == "adaspec-always" else
+    # cost-aware adaptation tries both ways of running a speculating step (adaspec-always and
+    # adaspec-uniform: no choice)
+    assert modes == ({"adaptive"} if name == "adaspec-always" else {"fixed"} if name == "adaspec-uniform" else
                      {"adaptive", "fixed"} if name.startswith("adaspec") else set())
 
 
@@ -900,3 +902,20 @@ def test_request_waits_measures_life_over_decode_time(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in recs))
     assert bench.main([str(path)]) == 0
+
+
+def test_uniform_variant_gives_every_request_the_plans_depth():
+    """`adaspec-uniform`: one depth for all that may draft, drafted without questions (no ragged
+    lengths, no pruning), while the same batch under `adaspec` drafts by confidence."""
+    cost = CostModel.linear(draft_step=0.5 * MS, draft_per_row=0.5 * MS, verify_step=10 * MS,
+                            verify_per_token=1 * MS, padded=False)
+    batch = BatchView([request("sure"), request("unsure"), request("short", cap=2)], 8)
+    pol = adaspec(cost, {"sure": 0.9, "unsure": 0.2, "short": 0.9}, "adaspec-uniform")
+    planned, drafted, verified = drive(pol, batch, lambda i, j: 0.02 if j == 1 else 0.9)
+    h = planned[0]
+    assert h >= 1 and planned == [h, h, min(h, 2)] and drafted == planned and verified == planned
+    assert pol.describe()["uniform"] is True
+    # expensive verification: the uniform variant may still choose no speculation at all
+    cost = CostModel.linear(draft_step=1 * MS, verify_step=0.0, verify_per_token=10 * MS)
+    pol = adaspec(cost, {"a": 0.3, "b": 0.3}, "adaspec-uniform")
+    assert drive(pol, BatchView([request("a"), request("b")], 8)) == ([0, 0], [0, 0], [0, 0])

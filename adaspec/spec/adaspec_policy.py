@@ -21,7 +21,10 @@ Each of the three choices goes through `efficiency.choose` (the SLO-aware rule).
 TPOT so far, relative to the batch's). Off by default: side by side on Spec-Bench (session 5) it cut
 the P99 TPOT by 10-28% but not the mean (docs/policies.md).
 Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no SLO),
-`adaspec-always` (keep_drafting and prune in every speculating step, as the paper); `adaspec-tpot`
+`adaspec-always` (keep_drafting and prune in every speculating step, as the paper),
+`adaspec-uniform` (`uniform=True`: the plan's depth for every request that may draft, drafted
+without questions: the efficiency model and SLO rule choosing one k a step, with no per-request or
+per-token adaptation and none of its cost; the control for what that adaptation adds); `adaspec-tpot`
 is `adaspec` with `tpot_weighted=True`, `adaspec-meantpot` with `mean_tpot=True` (candidates ranked
 by the batch's mean time per token instead of its tokens per second), `adaspec-late` with
 `late_weighted=True` (only requests behind their SLO weighted, `efficiency.late_weighted`; on the
@@ -69,14 +72,15 @@ class AdaSpecPolicy(ControlledPolicy):
                 "adaspec-drafter": {"verifier": False, "slo_aware": False},
                 "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True},
                 "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False},
-                "adaspec-late": {"late_weighted": True}, "adaspec-uniformreuse": {"reuse_ragged": False}}
+                "adaspec-late": {"late_weighted": True}, "adaspec-uniformreuse": {"reuse_ragged": False},
+                "adaspec-uniform": {"uniform": True}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
                  plan_prior_weight: float | None = None, reuse_plans: bool = True,
-                 late_weighted: bool = False, reuse_ragged: bool = True):
+                 late_weighted: bool = False, reuse_ragged: bool = True, uniform: bool = False):
         if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
             acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
@@ -95,6 +99,7 @@ class AdaSpecPolicy(ControlledPolicy):
         # None: plan every step; else a uniform decision may serve the next steps (`replan.py`)
         self.replan = ReplanSchedule() if reuse_plans else None
         self.reuse_ragged = reuse_ragged  # False: reuse only decisions that treat every request alike
+        self.uniform = uniform  # True: one depth for all that may draft, drafted without questions
         self._adapting = True  # this step runs keep_drafting and prune
         self._fixed: list[int] | None = None  # the plan's fixed depths, when it speculates
         self._gain: float | None = None
@@ -171,6 +176,7 @@ class AdaSpecPolicy(ControlledPolicy):
         d["late_weighted"] = self.late_weighted
         d["mean_tpot"] = self.mean_tpot
         d["plan_prior_weight"] = self.plan_prior_weight
+        d["uniform"] = self.uniform
         d["adaptation"] = None if self.adaptation is None else self.adaptation.report()
         d["replan"] = None if self.replan is None else self.replan.report()
         return d
@@ -227,6 +233,9 @@ class AdaSpecPolicy(ControlledPolicy):
             self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [ranked[i][:reqs[i].max_draft] for i in cont],
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
+        if self.uniform:  # only "all that may draft, to depth h" (column m = all) or no speculation
+            h_, m_ = np.indices(E.shape)
+            E = np.where((h_ > 0) & (m_ < E.shape[1] - 1), 0.0, E)
         choice, checks = self._choose(T, E, tokens_of)
         h, m = divmod(choice, T.shape[1])
         if h and m:
@@ -234,7 +243,9 @@ class AdaSpecPolicy(ControlledPolicy):
             for i in order[:m]:
                 fixed[i] = h
             self._fixed = fit_limits(batch, fixed)
-            if self.adaptation is not None:
+            if self.uniform:
+                self._adapting = False
+            elif self.adaptation is not None:
                 self._adapting = self.adaptation.decide(n)
             if self._adapting:
                 for i in order[:m]:
