@@ -919,3 +919,20 @@ def test_uniform_variant_gives_every_request_the_plans_depth():
     cost = CostModel.linear(draft_step=1 * MS, verify_step=0.0, verify_per_token=10 * MS)
     pol = adaspec(cost, {"a": 0.3, "b": 0.3}, "adaspec-uniform")
     assert drive(pol, BatchView([request("a"), request("b")], 8)) == ([0, 0], [0, 0], [0, 0])
+
+
+def test_rank_weight_scoring_small_batches_match_the_array_path():
+    """Batches of one or two score the look-ahead in plain floats: the same values as the array
+    path used for larger batches."""
+    model = AcceptanceModel(rank_weights=RANK_WEIGHTS)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        ids = [f"r{i}" for i in range(4)]
+        confs = [list(rng.uniform(0.1, 0.99, size=rng.integers(1, 6))) for _ in ids]
+        model.observe_step(ids, confs, [int(rng.integers(0, len(c) + 1)) for c in confs])
+    for ids in (["r0"], ["r1", "new"]):
+        n = [3, 5][:len(ids)]
+        array = model.lookahead_tokens(ids, n, RANK_WEIGHTS)
+        floats = [[model._lookahead_one(rid, k, w) for rid, k in zip(ids, n, strict=True)]
+                  for w in RANK_WEIGHTS]
+        np.testing.assert_allclose(array, floats, rtol=1e-12)

@@ -237,14 +237,25 @@ class AcceptanceModel:
         self._rank_steps += 1
         if self._rank_steps % RANK_EVERY:
             return
-        n = np.array([len(c) for c in confidences])
-        rows = n > 0
-        ids = [rid for rid, r in zip(request_ids, rows, strict=True) if r]
-        n = n[rows]
-        predicted = self.lookahead_tokens(ids, n, self.rank_weights)
-        real = np.minimum(np.array(accepted)[rows], n)
-        self.rank_errors = self.rank_errors * RANK_DECAY + ((predicted - real) ** 2).sum(axis=1)
+        rows = [(rid, len(c), min(int(a), len(c)))
+                for rid, c, a in zip(request_ids, confidences, accepted, strict=True) if c]
+        ids, n, real = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        if len(ids) <= 2:  # a batch of one or two: plain floats (at c=1 the numpy path cost ~0.07 ms a step)
+            predicted = [[self._lookahead_one(rid, k, w) for rid, k in zip(ids, n, strict=True)]
+                         for w in self.rank_weights]
+        else:
+            predicted = self.lookahead_tokens(ids, n, self.rank_weights).tolist()
+        self.rank_errors = np.array([e * RANK_DECAY + sum((p - r) ** 2 for p, r in zip(ps, real, strict=True))
+                                     for e, ps in zip(self.rank_errors.tolist(), predicted, strict=True)])
         self.rank_scored += len(ids)
+
+    def _lookahead_one(self, request_id: str, drafts: int, weight: float) -> float:
+        """`lookahead_tokens` of one request and weight, in plain floats (same arithmetic)."""
+        rate, total, prefix = self.request_rates.get(request_id), 0.0, 1.0
+        for j in range(drafts):
+            prefix *= self._unseen(rate, self._global_rate(j), weight)
+            total += prefix
+        return total
 
     # ------------------------------------------------------------------------------ learning
 
