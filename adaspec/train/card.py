@@ -73,21 +73,29 @@ def _pad(xs: list[int], k: int) -> list[int]:
 
 
 @torch.inference_mode()
-def step_time_ratio(pair: Path, context: int = 128, repeats: int = 200) -> dict:
-    """Median decode-step time at batch 1 of target and draft (our forward, KV cache, float32)."""
+def step_time_ratio(pair: Path, context: int = 128, repeats: int = 320, block: int = 8) -> dict:
+    """Median decode-step time at batch 1 of target and draft (our forward, KV cache, float32), in
+    alternating blocks of `block` steps of each model: this host's speed drifts by up to 1.5x
+    within a minute (measured: the same target 3.65 ms, then 2.48 ms, timed one model after the
+    other), and alternating puts the same drift into both medians; blocks, as drafting runs the
+    draft several steps in a row (alternating single steps evicts each model's weights from the
+    caches: the draft's step then took 0.74 ms where it takes 0.63 in a row)."""
     from adaspec.engine.runner import ModelRunner, Row
     from adaspec.model import load_model
 
-    times = {}
+    runners = {}
     for which in ("target", "draft"):
-        runner = ModelRunner(load_model(pair / which), 1, context + 8, torch.float32, torch.device("cpu"))
-        runner.run([Row(0, list(range(1, context + 1)), 0, want=1)])
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            runner.run([Row(0, [7], context, want=1)])
-            samples.append(time.perf_counter() - t0)
-        times[which] = statistics.median(samples)
+        runners[which] = ModelRunner(load_model(pair / which), 1, context + 8, torch.float32,
+                                     torch.device("cpu"))
+        runners[which].run([Row(0, list(range(1, context + 1)), 0, want=1)])
+    samples: dict[str, list[float]] = {"target": [], "draft": []}
+    for _ in range(repeats // block):
+        for which, runner in runners.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                runner.run([Row(0, [7], context, want=1)])
+                samples[which].append(time.perf_counter() - t0)
+    times = {k: statistics.median(v) for k, v in samples.items()}
     return {"target_ms": round(times["target"] * 1e3, 3), "draft_ms": round(times["draft"] * 1e3, 3),
             "ratio": round(times["target"] / times["draft"], 2), "threads": torch.get_num_threads(),
             "context": context}
