@@ -162,3 +162,22 @@ def test_training_phases_prepare_a_fresh_workdir(tmp_path, monkeypatch):
     monkeypatch.setattr(pair, "prepare", lambda w, c: prepared.append(w) or _tiny_workdir(w, c))
     pair.train_target(tmp_path, cfg, "cpu")
     assert prepared == [tmp_path] and torch.load(tmp_path / "target.pt")["step"] == 2
+
+
+def test_step_time_ratio_alternates_blocks_of_each_model(tiny_pair, monkeypatch):
+    """Target and draft are timed in alternating blocks (host drift lands in both medians), and the
+    ratio is of the two medians."""
+    from adaspec.engine.runner import ModelRunner
+
+    order = []
+    real_run = ModelRunner.run
+
+    def run(self, rows):
+        order.append(id(self))
+        return real_run(self, rows)
+
+    monkeypatch.setattr(ModelRunner, "run", run)
+    res = card.step_time_ratio(tiny_pair[0].parent, context=8, repeats=8, block=2)
+    target, draft = order[0], order[1]  # one warm-up each, target first
+    assert target != draft and order[2:] == [target, target, draft, draft] * 4
+    assert abs(res["ratio"] - res["target_ms"] / res["draft_ms"]) < 0.01 * res["ratio"] + 0.01
