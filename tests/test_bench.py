@@ -293,3 +293,16 @@ def test_repeats_pool_sweeps_and_rotate_policy_order(tmp_path):
     assert {(r["policy"], r["repeats"]) for r in rows} == {("adaspec", 2), ("static:3", 2)}
     with pytest.raises(ValueError, match="nosweep"):
         write([tmp_path / "nosweep"], tmp_path / "x")
+
+
+def test_report_names_the_weights_it_measured(tmp_path):
+    """Two checkpoints at one path are told apart by the weights' digest in the report's meta."""
+    from adaspec.bench.report import model_info
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    (tmp_path / "model.safetensors").write_bytes(b"first weights")
+    first = model_info(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    second = model_info(tmp_path)
+    assert first["hidden_size"] == 8 and len(first["weights_sha256"]) == 16
+    assert first["weights_sha256"] != second["weights_sha256"]

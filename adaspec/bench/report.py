@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -42,7 +43,12 @@ def model_info(path) -> dict | None:
         cfg = json.loads((p / "config.json").read_text())
         info.update({k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
                                              "num_attention_heads", "vocab_size")})
-        info["weights_mb"] = round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2**20, 2)
+        files = sorted(p.glob("*.safetensors"))
+        info["weights_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 2)
+        digest = hashlib.sha256()  # which weights: the same path may hold another pair later
+        for f in files:
+            digest.update(f.read_bytes())
+        info["weights_sha256"] = digest.hexdigest()[:16]
     except (OSError, ValueError):
         pass
     return info
