@@ -226,7 +226,9 @@ def test_profile_cached_keyed_and_reprofiled(runners, tmp_path, monkeypatch):
     # sane predictions over and beyond the profiled range
     for b, t, c in [(1, 1, 16), (4, 4, 64), (32, 9, 1024)]:
         assert cm.predict_verify(b, t, c) > 0 and cm.predict_draft(b, 1, c) > 0
-    assert cm.predict_verify(32, 9, 1024) >= cm.predict_verify(4, 4, 64)
+    # not smaller beyond the range (equal where the fit is flat: tiny models time alike; the two
+    # sums of a flat fit may differ in the last bit, which failed a fresh-clone CI run once)
+    assert cm.predict_verify(32, 9, 1024) >= cm.predict_verify(4, 4, 64) * (1 - 1e-9)
 
     def no_timing(*a, **k):
         raise AssertionError("profiled again although a matching profile is cached")
