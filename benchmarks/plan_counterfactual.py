@@ -54,8 +54,8 @@ class AlternatingPlan(AdaSpecPolicy):
             return self._planned
         return planned
 
-    def _choose(self, T, E, tokens_of):
-        choice, checks = super()._choose(T, E, tokens_of)
+    def _choose(self, T, E, tokens_of, uniform=False):
+        choice, checks = super()._choose(T, E, tokens_of, uniform)
         if not self._in_plan or not isinstance(T, np.ndarray) or T.ndim != 2:
             return choice, checks
         self._in_plan = False  # the plan's grid: depth h x top-m requests

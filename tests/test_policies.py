@@ -915,6 +915,12 @@ def test_uniform_variant_gives_every_request_the_plans_depth():
     h = planned[0]
     assert h >= 1 and planned == [h, h, min(h, 2)] and drafted == planned and verified == planned
     assert pol.describe()["uniform"] is True
+    # the restriction holds with the mean-TPOT objective too (it re-weighs the grid's candidates)
+    pol = adaspec(cost, {"sure": 0.9, "unsure": 0.2, "short": 0.9}, "adaspec-uniform")
+    pol.mean_tpot = True
+    batch = BatchView([request("sure"), request("unsure"), request("short", cap=2)], 8)
+    planned, _, _ = drive(pol, batch)
+    assert planned[0] >= 1 and planned == [planned[0], planned[0], min(planned[0], 2)]
     # expensive verification: the uniform variant may still choose no speculation at all
     cost = CostModel.linear(draft_step=1 * MS, verify_step=0.0, verify_per_token=10 * MS)
     pol = adaspec(cost, {"a": 0.3, "b": 0.3}, "adaspec-uniform")

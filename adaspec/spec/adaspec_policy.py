@@ -181,7 +181,9 @@ class AdaSpecPolicy(ControlledPolicy):
         d["replan"] = None if self.replan is None else self.replan.report()
         return d
 
-    def _choose(self, T, E, tokens_of) -> tuple[int, dict[int, float]]:
+    def _choose(self, T, E, tokens_of, uniform: bool = False) -> tuple[int, dict[int, float]]:
+        """`efficiency.choose` on this policy's objective. uniform: of a plan's grid only "all that
+        may draft, to depth h" (column m = all) and no speculation (row h = 0) may be chosen."""
         if self.mean_tpot and isinstance(tokens_of, CandidateTokens):
             # The goal's metric averages each request's time per token, t / e_i for a step of time t
             # emitting e_i tokens of request i: rank the candidates by B / (t * sum_i 1 / e_i), i.e.
@@ -190,6 +192,9 @@ class AdaSpecPolicy(ControlledPolicy):
             rows = tokens_of.rows(list(range(int(np.size(E)))))
             H = rows.shape[1] / (1.0 / np.maximum(rows, 1e-9)).sum(axis=1)
             E = H.tolist() if isinstance(E, list) else H.reshape(np.shape(E))
+        if uniform:
+            h, m = np.indices(np.shape(E))
+            E = np.where((h > 0) & (m < np.shape(E)[1] - 1), 0.0, E)
         return choose(T, E, tokens_of, self._slo, self.slo_aware, self.rescue_loss)
 
     # ------------------------------------------------------------------------------ decisions
@@ -233,10 +238,7 @@ class AdaSpecPolicy(ControlledPolicy):
             self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [ranked[i][:reqs[i].max_draft] for i in cont],
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
-        if self.uniform:  # only "all that may draft, to depth h" (column m = all) or no speculation
-            h_, m_ = np.indices(E.shape)
-            E = np.where((h_ > 0) & (m_ < E.shape[1] - 1), 0.0, E)
-        choice, checks = self._choose(T, E, tokens_of)
+        choice, checks = self._choose(T, E, tokens_of, uniform=self.uniform)
         h, m = divmod(choice, T.shape[1])
         if h and m:
             fixed = [0] * n
