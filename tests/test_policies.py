@@ -939,6 +939,5 @@ def test_rank_weight_scoring_small_batches_match_the_array_path():
     for ids in (["r0"], ["r1", "new"]):
         n = [3, 5][:len(ids)]
         array = model.lookahead_tokens(ids, n, RANK_WEIGHTS)
-        floats = [[model._lookahead_one(rid, k, w) for rid, k in zip(ids, n, strict=True)]
-                  for w in RANK_WEIGHTS]
+        floats = [model._lookahead_small(ids, n, w) for w in RANK_WEIGHTS]
         np.testing.assert_allclose(array, floats, rtol=1e-12)
