@@ -306,3 +306,25 @@ def test_report_names_the_weights_it_measured(tmp_path):
     second = model_info(tmp_path)
     assert first["hidden_size"] == 8 and len(first["weights_sha256"]) == 16
     assert first["weights_sha256"] != second["weights_sha256"]
+
+
+def test_full_batch_steps_summarises_telemetry_and_plans(tmp_path):
+    """Only steps of exactly the batch size count; tokens per ms are emitted tokens over step time;
+    the plan's curve averages each depth's logged candidate."""
+    from conftest import load_benchmark
+
+    mod = load_benchmark("full_batch_steps")
+    step = {"kind": "decode", "batch_size": 2, "draft_steps": 3, "drafted": [3, 3], "accepted": [2, 0],
+            "draft_time": 0.002, "verify_time": 0.006, "step_time": 0.010}
+    other = {**step, "batch_size": 1, "drafted": [3], "accepted": [3]}
+    tel = tmp_path / "static_3.jsonl"
+    tel.write_text("\n".join(json.dumps(r) for r in (step, step, other)))
+    row = mod.step_rows(tel, 2)
+    assert row["steps"] == 2 and row["accepted_per_request"] == 1.0
+    assert abs(row["tokens_per_ms"] - 0.4) < 1e-12 and abs(row["outside_ms"] - 2.0) < 1e-9  # 4 / 10 ms
+    plan = {"phase": "plan", "choice": {"h": 1}, "candidates": [
+        {"h": 0, "tokens": 2.0, "time": 0.004}, {"h": 1, "tokens": 3.0, "time": 0.006}]}
+    dec = tmp_path / "adaspec.jsonl"
+    dec.write_text(json.dumps({"requests": [{}, {}], "phases": [plan]}))
+    curve = mod.plan_curve(dec, 2)
+    assert curve[1]["tokens"] == 3.0 and abs(curve[1]["tokens_per_ms"] - 0.5) < 1e-12

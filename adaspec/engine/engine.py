@@ -213,7 +213,8 @@ class LLMEngine:
             draft_time += self.draft.last_time
             # Confidence = the draft's own probability of its token (untempered when greedy).
             # Softmax is monotone, so its max is the argmax token's probability: one op fewer than
-            # argmax + softmax + gather (~80 us of each draft step at batch 16 on 1 CPU thread).
+            # argmax + softmax + gather (~70 us of each draft step at batch 16 on 1 CPU thread,
+            # docs/policies.md session 12).
             greedy_conf, greedy_toks = torch.softmax(logits, -1).max(-1)
             greedy_toks, greedy_conf = greedy_toks.tolist(), greedy_conf.tolist()
             sampled = [r for r, i in enumerate(idx) if not seqs[i].params.greedy]
