@@ -266,3 +266,49 @@ def test_engine_freezes_its_start_up_heap_and_frees_a_dropped_engine(tiny_pair):
     second = build_engine(str(target), str(draft), "static:2", 4, max_num_seqs=2, max_model_len=64)
     assert ref() is None and second is not None
     assert host.tune_allocator() == host.tune_allocator()  # once per process, same answer
+
+
+def test_scheduler_compacts_slots_lowest_first():
+    """Running requests keep slots 0..n-1 in slot order: a freed slot takes the highest request."""
+    from adaspec.engine.scheduler import Scheduler
+    from adaspec.engine.sequence import Sequence
+
+    sched = Scheduler(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=64)
+    seqs = [Sequence(str(i), [1, 2], SamplingParams(), None, None, "cpu") for i in range(5)]
+    for s in seqs:
+        sched.add(s)
+    assert [s.slot for s in sched.schedule_prefill()] == [0, 1, 2, 3]
+    sched.finish(seqs[1], "stop")
+    assert sched.compact() == [(seqs[3], 3, 1)]
+    assert [(s.request_id, s.slot) for s in sched.running] == [("0", 0), ("3", 1), ("2", 2)]
+    assert sched.compact() == []
+    assert [s.slot for s in sched.schedule_prefill()] == [3]  # the waiting one gets the free slot
+    sched.finish(seqs[0], "stop")
+    sched.finish(seqs[2], "stop")
+    assert [(s.request_id, old, new) for s, old, new in sched.compact()] == [("4", 3, 0)]
+    assert [s.slot for s in sched.running] == [0, 1] and sorted(sched.free_slots) == [2, 3]
+
+
+def test_compacted_slots_keep_outputs(tiny_pair, reference):
+    """Requests finishing at different times free slots below running ones; their cache rows move
+    down (target and draft), and every output is still its solo run's."""
+    engine = llm(tiny_pair, RaggedPolicy(2), k=5, max_num_seqs=6).engine
+    moves, verified = [], []
+    for runner in (engine.target, engine.draft):
+        move = runner.move_slot
+        runner.move_slot = lambda src, dst, n, move=move: (moves.append((src, dst)), move(src, dst, n))
+    run = engine.target.run
+    engine.target.run = lambda rows: (verified.append([r.slot for r in rows]), run(rows))[1]
+    lengths = [5, 24, 9, 24, 14, 24, 7, 24, 24, 3, 24, 18]
+    queue, seqs, steps = list(zip(PROMPTS[:12], lengths, strict=True)), [], 0
+    while queue or engine.has_unfinished():
+        if queue and (steps % 4 == 0 or steps < 6):
+            p, n = queue.pop(0)
+            seqs.append((p, n, engine.add_request(p, greedy(n))))
+        engine.step()
+        steps += 1
+    for slots in verified:  # every target forward (prefill, decode) reads a contiguous run of slots
+        assert slots == list(range(slots[0], slots[0] + len(slots)))
+    assert len(moves) >= 6  # both runners, at least three moves each
+    for p, n, s in seqs:
+        assert s.output_token_ids == reference[p][:n], p

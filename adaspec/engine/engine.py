@@ -148,6 +148,10 @@ class LLMEngine:
 
     def step(self) -> list[Sequence]:
         """Run one step; returns the requests that got tokens or finished in it."""
+        for seq, old, new in self.scheduler.compact():  # keep the batch on contiguous cache slots
+            written = len(seq.tokens) + self.K + 1  # the cache may hold drafts past the tokens
+            for runner in (self.target, self.draft) if self.draft else (self.target,):
+                runner.move_slot(old, new, written)
         seqs = self.scheduler.schedule_prefill()
         if seqs:
             return self._guarded(self._prefill_step, seqs)

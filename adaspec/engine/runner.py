@@ -45,6 +45,15 @@ class ModelRunner:
         self.last_time = 0.0
 
     @torch.inference_mode()
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a request's first `length` cache positions from slot `src` to slot `dst` (see
+        `Scheduler.compact`)."""
+        n = min(length, self.cache.max_len)
+        for k, v in zip(self.cache.k, self.cache.v, strict=True):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+
+    @torch.inference_mode()
     def run(self, rows: list[Row]) -> torch.Tensor:
         """Forward all rows in one batch; returns logits [sum(want), V] in row order (float32)."""
         t0 = time.perf_counter()

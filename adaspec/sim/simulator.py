@@ -139,6 +139,7 @@ class Simulator:
         """Run steps until the first step boundary at or after `t` (or until idle). Requests that
         arrive during a step join at the next boundary, as in the engine."""
         while self.now < t and self.sched.has_work():
+            self.sched.compact()  # as the engine does (no cache rows to copy here)
             seqs = self.sched.schedule_prefill()
             if seqs:
                 self.now = self._prefill(seqs, self.now)
