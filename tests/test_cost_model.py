@@ -182,6 +182,34 @@ def test_overhead_is_learned_per_request_and_per_draft_forward():
     assert cm.error_report(last=4)["mape"] < 1e-9
 
 
+def test_per_forward_overhead_needs_fresh_samples():
+    """The per-draft-forward rate is only taught by speculating steps: one sample (a warm-up step's
+    first calls) is not trusted, and a rate without a speculating step in 2 x window steps gives way
+    to the profile's 0, so it cannot keep speculation off for good (session 13: 0.96 ms learned from
+    one step, no draft for a whole run)."""
+    cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2, window=10)
+    plain, spec = StepShape([10], [1], [0], [0]), StepShape([10], [1], [4], [4])
+
+    def observe(s, outside):
+        p = cm.predict(s)
+        cm.observe(s, p.draft, p.verify, p.draft + p.verify + outside)
+
+    observe(plain, 2e-4)  # 1e-4 a row (2 rows)
+    observe(spec, 2e-4 + 4 * 3e-3)  # one slow speculating step: 3 ms a draft forward
+    assert cm.overhead_per_forward == 0.0
+    assert cm.predict(spec).overhead == pytest.approx(2e-4)
+    for _ in range(2):
+        observe(spec, 2e-4 + 4 * 3e-4)
+    assert cm.overhead_per_forward == pytest.approx(3e-4)  # the median of three
+    for _ in range(20):
+        observe(plain, 2e-4)
+    assert cm.overhead_per_forward == pytest.approx(3e-4)  # the latest sample 20 steps ago: fresh
+    observe(plain, 2e-4)
+    assert cm.overhead_per_forward == 0.0  # stale
+    observe(spec, 2e-4 + 4 * 3e-4)
+    assert cm.overhead_per_forward == pytest.approx(3e-4)  # fresh again, its samples kept
+
+
 def test_frozen_model_does_not_learn():
     cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2)  # window 0: frozen
     shape = StepShape([10], [1], [2], [2])

@@ -315,7 +315,8 @@ class CostModel:
         self._per_request: deque[float] = deque(maxlen=max(self.window, 1))  # from plain steps
         self._per_forward: deque[float] = deque(maxlen=max(self.window, 1))  # from speculative steps
         self._plain_seen = False
-        self.overhead_per_request, self.overhead_per_forward = self.base_overhead_per_row, 0.0
+        self._forward_seen = -(10**9)  # the latest step that taught the per-forward rate
+        self.overhead_per_request, self._overhead_per_forward = self.base_overhead_per_row, 0.0
         self._errors: deque[tuple[float, float, float]] = deque(maxlen=5000)  # (measured, ours, base)
 
     # ------------------------------------------------------------------------------ predictions
@@ -361,6 +362,16 @@ class CostModel:
         priced a batch-32 step's at 30 ms and locked speculation out there (session 4)."""
         del drafted_tokens  # kept for models that price by it (the simulator's fitted one)
         return self.overhead_per_request * (1 + batch_size) + self.overhead_per_forward * draft_forwards
+
+    @property
+    def overhead_per_forward(self) -> float:
+        """The per-draft-forward rate, while `_Scale.trusted` would trust it (at least 3 speculating
+        steps, the latest within 2 * window steps); else 0, the start-up profile's. Only
+        speculating steps teach it, so a rate that stops speculation stops its own correction: one
+        warm-up step (first calls, batch 3) once set it to 0.96 ms, where 0.05-0.1 ms is usual at
+        batch 1, and `adaspec` ran a whole concurrency-1 level without a draft (session 13)."""
+        fresh = self._steps - self._forward_seen <= 2 * max(self.window, 1)
+        return self._overhead_per_forward if fresh and len(self._per_forward) >= _Scale.MIN_RATIOS else 0.0
 
     def verify_time(self, batch, new_tokens, longest, ctx_max, ctx_sum, grid: bool = False):
         """Predicted verification of `batch` rows holding `new_tokens` drafts in all, `longest` the
@@ -449,7 +460,8 @@ class CostModel:
         which the next plain step removes)."""
         if forwards and self._plain_seen:
             self._per_forward.append(max(0.0, outside - self.overhead_per_request * rows) / forwards)
-            self.overhead_per_forward = statistics.median(self._per_forward)
+            self._overhead_per_forward = statistics.median(self._per_forward)
+            self._forward_seen = self._steps
             return
         if not forwards and not self._plain_seen:
             self._plain_seen = True
