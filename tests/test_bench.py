@@ -328,3 +328,23 @@ def test_full_batch_steps_summarises_telemetry_and_plans(tmp_path):
     dec.write_text(json.dumps({"requests": [{}, {}], "phases": [plan]}))
     curve = mod.plan_curve(dec, 2)
     assert curve[1]["tokens"] == 3.0 and abs(curve[1]["tokens_per_ms"] - 0.5) < 1e-12
+
+
+def test_slot_order_times_both_layouts(tiny_pair):
+    """Every layout runs the same rows (shuffled through the gather path, spread through the span
+    view and then gathered) and is timed."""
+    from conftest import load_benchmark
+
+    from adaspec import LLM
+
+    mod = load_benchmark("slot_order")
+    target, draft, _ = tiny_pair
+    engine = LLM(model=target, draft_model=draft, policy="static:2", max_model_len=64, max_num_seqs=8).engine
+    gathers = []
+    run = engine.target.run
+    engine.target.run = lambda rows: (gathers.append([r.slot for r in rows]), run(rows))[1]
+    r = mod.measure(engine.target, batch=4, width=2, context=20, repeats=2)
+    assert all(r[k] > 0 for k in ("contiguous", "shuffled", "spread", "spread, gathered"))
+    assert r["ratio"] == r["shuffled"] / r["contiguous"]
+    assert gathers[0] == [0, 1, 2, 3] and sorted(gathers[1]) == [0, 1, 2, 3] and gathers[1] != [0, 1, 2, 3]
+    assert gathers[2] == gathers[3] == [0, 1, 2, 4]

@@ -270,12 +270,16 @@ def test_chunked_prefill_and_decode_single_slot(llama):
 
 
 @pytest.mark.parametrize("case", ["llama_gqa", "qwen3"])
-def test_ragged_batch_with_padding(case, tmp_path):
-    """Rows in non-adjacent slots at different lengths, padded with valid=False, incl. fully padded rows."""
+@pytest.mark.parametrize("slots,path", [([2, 0, 3], "gather"), ([0, 2, 3], "span")])
+def test_ragged_batch_with_padding(case, slots, path, tmp_path):
+    """Rows in non-adjacent slots at different lengths, padded with valid=False, incl. fully padded rows;
+    out of slot order (every row's cache gathered) and in order with a gap (a view of the slots' span,
+    the absent slot's row computed and dropped)."""
     model = load_model(save_hf(make_hf(case), tmp_path))
     seqs = [ids_for(1, n, seed=10 + i)[0].tolist() for i, n in enumerate([21, 11, 17])]
     refs = [full_logits(model, torch.tensor([s]))[0] for s in seqs]
-    slots = [2, 0, 3]  # not contiguous: exercises the gather path
+    paths, plan = [], model._plan_cache_step
+    model._plan_cache_step = lambda st, *a: (plan(st, *a), paths.append("span" if st.span else "gather"))
     cache = KVCache.allocate(model.config, num_slots=4, max_len=32, dtype=torch.float32, device="cpu")
     # (tokens to feed per row) for each step; 0 means the row is entirely padding in that step.
     schedule = [[5, 9, 3], [8, 0, 6], [1, 0, 1], [3, 0, 0], [1, 0, 5], [1, 1, 1], [1, 0, 1], [0, 0, 0]]
@@ -289,7 +293,7 @@ def test_ragged_batch_with_padding(case, tmp_path):
             if n:
                 got[b].append(outs[b])
                 done[b] += n
-    assert done == [21, 11, 17]
+    assert done == [21, 11, 17] and set(paths) == {path}
     for b in range(3):
         assert (torch.cat(got[b]) - refs[b]).abs().max().item() <= TOL
     # Slot 1 was never used and padding never wrote anything into it (or anywhere else).

@@ -12,6 +12,7 @@ indices) is computed once per forward.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -21,6 +22,14 @@ from torch import nn
 from .config import ModelConfig
 
 _ROPE_INITIAL_LEN = 4096
+# Rows whose cache slots are increasing but not contiguous (a draft forward of the requests still
+# drafting) attend over a view of the slots' span, their queries placed at their slots' rows, when the
+# span is at most this many times the rows: attention over a few absent rows costs less than copying
+# every row's cache in every layer (the gather any other order needs). Measured on the embedded pair
+# (batch 16, context 500, one token a row, 2 threads): the draft forward 1.55 ms with the span read
+# against 2.1 gathered at spans of 17-20 slots, 1.38 against 1.81 for 12 rows over 16; level at twice
+# the rows (2.01 against 2.04), where the target's forward was 10% slower read through the span.
+SPAN_READ_MAX = 1.5
 
 
 class KVCache:
@@ -241,7 +250,7 @@ class _Step:
     """
 
     __slots__ = ("B", "T", "grid", "cos", "sin", "causal", "mask", "w_slot", "w_pos", "w_sel", "read_start",
-                 "read_slots", "L")
+                 "read_slots", "L", "span", "span_rows", "span_mask")
 
 
 class DecoderLayer(nn.Module):
@@ -285,18 +294,23 @@ class DecoderLayer(nn.Module):
             kc[st.w_slot, :, st.w_pos] = kw
             vc[st.w_slot, :, st.w_pos] = vw
             L = st.L
+            if st.grid is not None:
+                q = q.index_select(0, st.grid)
+            q, mask = q.view(B, T, a.n_heads, d).transpose(1, 2), st.mask
             if st.read_start is not None:
                 s0 = st.read_start
                 kr, vr = kc[s0 : s0 + B, :, :L], vc[s0 : s0 + B, :, :L]
+            elif st.span is not None:  # rows in slot order with few gaps: attend over a view of the span
+                s0, n = st.span
+                kr, vr = kc[s0 : s0 + n, :, :L], vc[s0 : s0 + n, :, :L]
+                q, mask = q.new_zeros((n, *q.shape[1:])).index_copy_(0, st.span_rows, q), st.span_mask
             else:
                 kr = kc[:, :, :L].index_select(0, st.read_slots)
                 vr = vc[:, :, :L].index_select(0, st.read_slots)
-            if st.grid is not None:
-                q = q.index_select(0, st.grid)
-            o = F.scaled_dot_product_attention(
-                q.view(B, T, a.n_heads, d).transpose(1, 2), kr, vr, attn_mask=st.mask, scale=a.scale,
-                enable_gqa=a.gqa,
-            ).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=a.scale, enable_gqa=a.gqa)
+            if st.span is not None:
+                o = o.index_select(0, st.span_rows)
+            o = o.transpose(1, 2)
         o = o.reshape(B * T, a.n_heads * d)
         if st.grid is not None:
             o = o.index_select(0, st.w_sel)
@@ -444,16 +458,24 @@ class LlamaModel(nn.Module):
             raise ValueError(f"position {L - 1} does not fit in a KV cache with max_len={cache.max_len}")
         st.L = L
         slot_list = slots.tolist()
-        s0 = slot_list[0]
-        if slot_list == list(range(s0, s0 + B)):
-            st.read_start, st.read_slots = s0, None  # contiguous slots: read through a view, no gather
+        s0, span = slot_list[0], slot_list[-1] - slot_list[0] + 1
+        st.read_start, st.read_slots, st.span = None, None, None
+        if span == B and slot_list == list(range(s0, s0 + B)):
+            st.read_start = s0  # contiguous slots: read through a view, no gather
+        elif span <= SPAN_READ_MAX * B and all(a < b for a, b in itertools.pairwise(slot_list)):
+            st.span = (s0, span)  # see SPAN_READ_MAX
+            st.span_rows = slots - s0
         else:
-            st.read_start, st.read_slots = None, slots
+            st.read_slots = slots
         if B == 1 and T == 1:
             st.mask = None  # the single query is at L-1 (or a padded 0 with L=1): every key is visible
         else:
             keys = torch.arange(L, device=positions.device)
             st.mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, L]
+        if st.span is not None:  # rows of absent slots see every key: finite, and their outputs dropped
+            st.span_mask = torch.ones((span, 1, T, L), dtype=torch.bool, device=positions.device)
+            st.span_mask.index_copy_(0, st.span_rows, st.mask if st.mask is not None
+                                     else torch.ones((B, 1, T, L), dtype=torch.bool, device=positions.device))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states to vocabulary logits (float32)."""
