@@ -16,8 +16,11 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import deque
+from operator import attrgetter
 
 from adaspec.engine.sequence import Sequence, Status
+
+_slot = attrgetter("slot")
 
 
 class Scheduler:
@@ -87,7 +90,3 @@ class Scheduler:
             if seq.request_id == request_id:
                 return seq
         return None
-
-
-def _slot(seq: Sequence) -> int:
-    return seq.slot

@@ -26,9 +26,10 @@ _ROPE_INITIAL_LEN = 4096
 # drafting) attend over a view of the slots' span, their queries placed at their slots' rows, when the
 # span is at most this many times the rows: attention over a few absent rows costs less than copying
 # every row's cache in every layer (the gather any other order needs). Measured on the embedded pair
-# (batch 16, context 500, one token a row, 2 threads): the draft forward 1.55 ms with the span read
-# against 2.1 gathered at spans of 17-20 slots, 1.38 against 1.81 for 12 rows over 16; level at twice
-# the rows (2.01 against 2.04), where the target's forward was 10% slower read through the span.
+# (`python benchmarks/slot_order.py --batch 16 --context 500 --widths 1,4 --gap-every 4`, one token a
+# row, 2 threads): at a span of 4/3 the rows the draft forward took 1.75 ms through the span against
+# 2.15 gathered, the target's 14.2 against 16.1; with `--gap-every 2` (twice the rows) the span read
+# lost, 2.28 against 2.12 and 17.7 against 16.5.
 SPAN_READ_MAX = 1.5
 
 
@@ -472,10 +473,9 @@ class LlamaModel(nn.Module):
         else:
             keys = torch.arange(L, device=positions.device)
             st.mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, L]
-        if st.span is not None:  # rows of absent slots see every key: finite, and their outputs dropped
+        if st.span is not None:  # B >= 2: st.mask is set. Absent slots' rows see every key (finite, dropped)
             st.span_mask = torch.ones((span, 1, T, L), dtype=torch.bool, device=positions.device)
-            st.span_mask.index_copy_(0, st.span_rows, st.mask if st.mask is not None
-                                     else torch.ones((B, 1, T, L), dtype=torch.bool, device=positions.device))
+            st.span_mask.index_copy_(0, st.span_rows, st.mask)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states to vocabulary logits (float32)."""

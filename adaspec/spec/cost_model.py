@@ -183,6 +183,17 @@ def _elementwise(model, batch, tokens_per_seq, context, attn_width=None) -> np.n
     return np.array(t, dtype=float).reshape(b.shape)
 
 
+MIN_SAMPLES = 3  # an online figure fed only by some steps counts with at least this many samples
+
+
+def _fresh(samples: int, steps_since_latest: int, window: int) -> bool:
+    """Enough samples of its own, the latest within the last 2 * window steps. A figure fed only by
+    some steps (a verification width, drafting) stops being corrected when those steps stop, so a
+    thin or stale one must give way to one every step updates (or to the profile's): else a slow
+    spell could keep a policy away from those steps for good."""
+    return samples >= MIN_SAMPLES and steps_since_latest <= 2 * max(window, 1)
+
+
 class _Scale:
     """Online multiplicative correction: the median of the last `window` measured/predicted ratios
     (a median, so one outlier step on a shared machine does not skew the next dozens)."""
@@ -197,14 +208,9 @@ class _Scale:
             self.ratios.append(measured / predicted)
             self.value = min(20.0, max(0.05, statistics.median(self.ratios)))
 
-    MIN_RATIOS = 3
-
     def trusted(self, steps_since_latest: int) -> bool:
-        """Enough ratios of its own, the latest within the last 2 * window steps. A correction fed
-        only by some steps (a verification width, drafting) stops being corrected when those steps
-        stop, so a thin or stale one must give way to a factor every step updates: else a slow
-        spell could keep a policy away from those steps for good."""
-        return len(self.ratios) >= self.MIN_RATIOS and steps_since_latest <= 2 * max(self.window, 1)
+        """`_fresh` for its ratios."""
+        return _fresh(len(self.ratios), steps_since_latest, self.window)
 
 
 class _WidthScale:
@@ -365,13 +371,12 @@ class CostModel:
 
     @property
     def overhead_per_forward(self) -> float:
-        """The per-draft-forward rate, while `_Scale.trusted` would trust it (at least 3 speculating
-        steps, the latest within 2 * window steps); else 0, the start-up profile's. Only
+        """The per-draft-forward rate while `_fresh`, else 0 (the start-up profile's). Only
         speculating steps teach it, so a rate that stops speculation stops its own correction: one
         warm-up step (first calls, batch 3) once set it to 0.96 ms, where 0.05-0.1 ms is usual at
         batch 1, and `adaspec` ran a whole concurrency-1 level without a draft (session 13)."""
-        fresh = self._steps - self._forward_seen <= 2 * max(self.window, 1)
-        return self._overhead_per_forward if fresh and len(self._per_forward) >= _Scale.MIN_RATIOS else 0.0
+        fresh = _fresh(len(self._per_forward), self._steps - self._forward_seen, self.window)
+        return self._overhead_per_forward if fresh else 0.0
 
     def verify_time(self, batch, new_tokens, longest, ctx_max, ctx_sum, grid: bool = False):
         """Predicted verification of `batch` rows holding `new_tokens` drafts in all, `longest` the
