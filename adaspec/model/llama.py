@@ -243,6 +243,13 @@ class MLP(nn.Module):
 class _Step:
     """Per-forward values shared by every layer.
 
+    With a cache, attention runs with grouped query heads folded into the query length: the g query heads
+    that share a KV head attend as g*T queries of it, and ``mask`` is additive (0 or -inf) in that shape,
+    [B, 1, g*T, L]. SDPA's ``enable_gqa`` and a boolean mask cost more on CPU: measured on the embedded
+    target's attention (4 query heads, 2 KV heads, 2 threads), batch 16, 512 keys, 4 queries a row:
+    0.55 ms a layer against 0.36 folded; one query a row at batch 32: 0.72 against 0.46; a 256-token
+    prefill the same (0.43 ms). Outputs agree to float rounding.
+
     Layers see tokens flat, [M, hidden]. ``grid`` is None when the M tokens are the whole [B, T] grid. When
     they are the packed valid tokens, ``grid`` maps each grid cell to a packed token (a padding cell to some
     real one; its query's output is dropped) and ``w_sel`` maps each packed token back to its cell:
@@ -297,7 +304,9 @@ class DecoderLayer(nn.Module):
             L = st.L
             if st.grid is not None:
                 q = q.index_select(0, st.grid)
-            q, mask = q.view(B, T, a.n_heads, d).transpose(1, 2), st.mask
+            # each KV head's g query heads attend as one run of g*T queries (see `_Step.mask`)
+            g = a.n_heads // a.n_kv
+            q, mask = q.view(B, T, a.n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(B, a.n_kv, g * T, d), st.mask
             if st.read_start is not None:
                 s0 = st.read_start
                 kr, vr = kc[s0 : s0 + B, :, :L], vc[s0 : s0 + B, :, :L]
@@ -308,10 +317,10 @@ class DecoderLayer(nn.Module):
             else:
                 kr = kc[:, :, :L].index_select(0, st.read_slots)
                 vr = vc[:, :, :L].index_select(0, st.read_slots)
-            o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=a.scale, enable_gqa=a.gqa)
+            o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=a.scale)
             if st.span is not None:
                 o = o.index_select(0, st.span_rows)
-            o = o.transpose(1, 2)
+            o = o.view(B, a.n_kv, g, T, d).permute(0, 3, 1, 2, 4)  # [B, T, heads]: head = kv * g + i
         o = o.reshape(B * T, a.n_heads * d)
         if st.grid is not None:
             o = o.index_select(0, st.w_sel)
@@ -472,9 +481,14 @@ class LlamaModel(nn.Module):
             st.mask = None  # the single query is at L-1 (or a padded 0 with L=1): every key is visible
         else:
             keys = torch.arange(L, device=positions.device)
-            st.mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, L]
+            visible = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, L]
+            g = self.config.num_attention_heads // self.config.num_key_value_heads
+            if g > 1:  # the same rows for each of a KV head's g query heads
+                visible = visible.expand(B, g, T, L).reshape(B, 1, g * T, L)
+            st.mask = torch.zeros(visible.shape, dtype=cache.dtype, device=positions.device)
+            st.mask.masked_fill_(~visible, float("-inf"))
         if st.span is not None:  # B >= 2: st.mask is set. Absent slots' rows see every key (finite, dropped)
-            st.span_mask = torch.ones((span, 1, T, L), dtype=torch.bool, device=positions.device)
+            st.span_mask = torch.zeros((span, *st.mask.shape[1:]), dtype=cache.dtype, device=positions.device)
             st.span_mask.index_copy_(0, st.span_rows, st.mask)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
