@@ -7,7 +7,7 @@ millisecond here is a millisecond of every request's TPOT. Per policy and concur
 level, then a measured one (3 x c requests, at least 8, of 96 tokens on the built-in prompts), with
 the policy's `plan`, `keep_drafting`, `prune` and `observe` timed around each call, and for the
 learning policies their main parts (the plan's grid, the acceptance model's learning and rank
-weight scoring, the cost model's correction, the expected tokens logged at `observe`). `observe`
+weight scoring, the cost model's correction, the predictions `observe` logs and scores). `observe`
 runs after the engine has measured the step (its time is not in the telemetry's step time, it is in
 the gap before the next step). Small numpy and Python calls between large forwards run several
 times slower than the same calls in a loop on their own (cold caches): measure them here, not in
@@ -36,7 +36,7 @@ PARTS = ((adaspec_policy, "continuation_grid", "plan: continuation_grid"),
          (acceptance.AcceptanceModel, "observe_step", "observe: AcceptanceModel.observe_step"),
          (acceptance.AcceptanceModel, "_score_rank_weights", "observe: ... of which _score_rank_weights"),
          (cost_model.CostModel, "observe", "observe: CostModel.observe"),
-         (adaspec_policy.AdaSpecPolicy, "expected_tokens", "observe: expected_tokens (logged)"))
+         (acceptance.AcceptanceModel, "predictions", "observe: predictions (logged and scored)"))
 
 
 class Clock:

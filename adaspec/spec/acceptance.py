@@ -45,6 +45,32 @@ def _prob(odds: float) -> float:
     return min(1 - EPS, max(EPS, odds / (1 + odds)))
 
 
+def _on_curve(curve: list[float], q: float) -> float:
+    """The calibration curve (acceptance at each bin centre of q) at q: linear between the centres,
+    flat beyond the outer ones."""
+    top = len(curve) - 1
+    x = q * (top + 1) - 0.5
+    if x <= 0.0:
+        return curve[0]
+    if x >= top:
+        return curve[top]
+    lo = int(x)
+    return curve[lo] + (x - lo) * (curve[lo + 1] - curve[lo])
+
+
+def expected_tokens(predictions: list[list[float]]) -> float:
+    """Expected tokens a step emits when each request verifies the drafts of one row of conditional
+    acceptances (`AcceptanceModel.predictions`): one token each, plus P(first j+1 accepted) summed."""
+    total = 0.0
+    for row in predictions:
+        prefix = 1.0
+        total += 1
+        for p in row:
+            prefix *= p
+            total += prefix
+    return total
+
+
 def pool_adjacent_violators(values: list[float], weights: list[float]) -> list[float]:
     """Weighted isotonic (non-decreasing) fit of `values`."""
     blocks: list[list[float]] = []  # [mean, weight, count]
@@ -100,6 +126,7 @@ class AcceptanceModel:
         self.bin_accepted = [0.0] * self.bins  # plain lists: updated a token at a time, every step
         self.bin_tested = [0.0] * self.bins
         self._curve: list[float] | None = None
+        self._factors: list[float] | None = None
         self.positions = [_Ratio() for _ in range(self.max_position)]
         self.position_rates = [_Rate() for _ in range(self.max_position)]
         self.requests: dict[str, _Ratio] = {}
@@ -113,18 +140,26 @@ class AcceptanceModel:
 
     # ------------------------------------------------------------------------------ predictions
 
-    def calibrated(self, q: float) -> float:
-        """Global monotone map from draft probability to acceptance probability (piecewise linear
-        between bin centres, flat beyond the outer ones)."""
-        if self._curve is None:  # rebuilt after every observed request: plain floats, no numpy calls
+    def _calibration_curve(self) -> list[float]:
+        """Acceptance at each bin centre of q: rebuilt after every observed step, plain floats."""
+        if self._curve is None:
             prior = self.calibration_prior
             weights = [t + prior for t in self.bin_tested]
             rates = [(a + prior * ((b + 0.5) / self.bins)) / w
                      for b, (a, w) in enumerate(zip(self.bin_accepted, weights, strict=True))]
             self._curve = pool_adjacent_violators(rates, weights)
-        x = min(max(q * self.bins - 0.5, 0.0), self.bins - 1.0)
-        lo = min(int(x), self.bins - 2)
-        return self._curve[lo] + (x - lo) * (self._curve[lo + 1] - self._curve[lo])
+        return self._curve
+
+    def _position_factors(self) -> list[float]:
+        """Each position's odds factor, as of the last observed step."""
+        if self._factors is None:
+            self._factors = [pos.factor(self.position_prior) for pos in self.positions]
+        return self._factors
+
+    def calibrated(self, q: float) -> float:
+        """Global monotone map from draft probability to acceptance probability (piecewise linear
+        between bin centres, flat beyond the outer ones)."""
+        return _on_curve(self._calibration_curve(), q)
 
     def needs_evidence(self, q: float) -> bool:
         """Too few verified tokens near draft probability q to trust the calibration there yet.
@@ -133,25 +168,39 @@ class AcceptanceModel:
         draft pruned, step after step), so it should verify some."""
         return self.bin_tested[min(int(q * self.bins), self.bins - 1)] < self.min_evidence
 
-    def _pos(self, position: int) -> int:
-        return min(position, self.max_position - 1)
-
     def predict(self, request_id: str, q: float, position: int) -> float:
-        """Conditional acceptance of a drafted token with draft probability q at `position` (0-based).
-        Predictions change only when the model learns, so they are kept until then: `observe_step`
-        scores the very predictions the policy drafted with, without computing them again (at
-        batch 32 that was ~0.5 ms a step)."""
-        key = (request_id, q, position)
-        p = self._memo.get(key)
-        if p is None:
-            odds = _odds(self.calibrated(q)) * self.positions[self._pos(position)].factor(self.position_prior)
-            if request_id in self.requests:
-                odds *= self.requests[request_id].factor(self.request_prior)
-            p = self._memo[key] = _prob(odds)
-        return p
+        """Conditional acceptance of a drafted token with draft probability q at `position` (0-based)."""
+        return self.predict_row(request_id, (q,), position)[0]
+
+    def predict_row(self, request_id: str, confidences, start: int = 0) -> list[float]:
+        """`predict` of a request's drafted tokens at positions start, start+1, ... Predictions
+        change only when the model learns, so they are kept until then: `observe_step` scores the
+        very predictions the policy drafted with, without computing them again. One call per row,
+        not per token: at observe every verified token is predicted (30-60 a step at batch 16-32),
+        and five small calls per token cost ~0.1 ms of each step (`benchmarks/policy_overhead.py`)."""
+        memo, out = self._memo, []
+        curve = factors = None
+        req = self.requests.get(request_id)
+        for j, q in enumerate(confidences, start):
+            key = (request_id, q, j)
+            p = memo.get(key)
+            if p is None:
+                if curve is None:
+                    curve, factors = self._calibration_curve(), self._position_factors()
+                    rf = 1.0 if req is None else req.factor(self.request_prior)
+                odds = _odds(_on_curve(curve, q)) * factors[min(j, len(factors) - 1)]
+                if req is not None:
+                    odds *= rf
+                p = memo[key] = _prob(odds)
+            out.append(p)
+        return out
+
+    def predictions(self, request_ids: list[str], confidences: list[list[float]]) -> list[list[float]]:
+        """`predict_row` of every request's drafted tokens (one row per request)."""
+        return [self.predict_row(rid, c) for rid, c in zip(request_ids, confidences, strict=True)]
 
     def _global_rate(self, position: int) -> float:
-        g = self.position_rates[self._pos(position)]
+        g = self.position_rates[min(position, self.max_position - 1)]
         w = self.unseen_prior_weight
         return (g.accepted + w * self.unseen_prior) / (g.tested + w)
 
@@ -264,41 +313,46 @@ class AcceptanceModel:
         self.observe_step([request_id], [confidences], [accepted])
 
     def observe_step(self, request_ids: list[str], confidences: list[list[float]],
-                     accepted: list[int]) -> None:
+                     accepted: list[int], predictions: list[list[float]] | None = None) -> None:
         """Learn from one verification step of a batch. Every prediction is scored before any of the
         step's outcomes is learned (they were all made before it), and the calibration curve is
-        rebuilt once per step, not once per request."""
+        rebuilt once per step, not once per request. `predictions`: `self.predictions` of these
+        confidences, if the caller has them already (at least every tested token's)."""
         self._score_rank_weights(request_ids, confidences, accepted)
-        # positions past the first rejection were never tested and teach nothing
-        tested = [list(c[:a + 1]) for c, a in zip(confidences, accepted, strict=True)]
-        preds = [[self.predict(rid, q, j) for j, q in enumerate(t)]
-                 for rid, t in zip(request_ids, tested, strict=True)]
-        for rid, t, p, a in zip(request_ids, tested, preds, accepted, strict=True):
-            self._learn(rid, t, p, int(a))
-        self._curve = None
+        if predictions is None:
+            predictions = self.predictions(request_ids, confidences)
+        curve = self._calibration_curve()  # the step's, before any of it is learned
+        for rid, c, p, a in zip(request_ids, confidences, predictions, accepted, strict=True):
+            # positions past the first rejection were never tested and teach nothing
+            self._learn(rid, c[:int(a) + 1], p, int(a), curve)
+        self._curve = self._factors = None
         self._memo.clear()
 
-    def _learn(self, request_id: str, tested: list[float], preds: list[float], accepted: int) -> None:
+    def _learn(self, request_id: str, tested: list[float], preds: list[float], accepted: int,
+               curve: list[float]) -> None:
         req = self.requests.setdefault(request_id, _Ratio())
         rate = self.request_rates.setdefault(request_id, _Rate())
+        bins, last = self.bins, self.max_position - 1
+        bin_accepted, bin_tested = self.bin_accepted, self.bin_tested
+        self.ours.add_prefix(preds[:len(tested)], accepted)
+        self.raw.add_prefix(tested, accepted)
         for j, q in enumerate(tested):
             ok = float(j < accepted)
-            self.ours.add(preds[j], ok)
-            self.raw.add(q, ok)
-            b = min(int(q * self.bins), self.bins - 1)
-            self.bin_accepted[b] += ok
-            self.bin_tested[b] += 1
-            cal = self.calibrated(q)
-            pos = self.positions[self._pos(j)]
+            b = min(int(q * bins), bins - 1)
+            bin_accepted[b] += ok
+            bin_tested[b] += 1
+            cal = _on_curve(curve, q)
+            pos = self.positions[min(j, last)]
             pos.accepted += ok
             pos.expected += cal
             req.accepted += ok
             req.expected += cal
-            rate.accepted += ok
-            rate.tested += 1
-            prate = self.position_rates[self._pos(j)]
+            prate = self.position_rates[min(j, last)]
             prate.accepted += ok
             prate.tested += 1
+        n = len(tested)
+        rate.accepted += min(accepted, n)
+        rate.tested += n
 
     def forget_except(self, request_ids: Iterable[str]) -> None:
         """Drop history of requests no longer running (bounded memory)."""
@@ -329,12 +383,18 @@ class CalibrationScore:
     sum_outcome: list[float] = field(default_factory=lambda: [0.0] * 10)
     sq_error: float = 0.0
 
-    def add(self, p: float, outcome: float) -> None:
-        b = min(int(p * self.bins), self.bins - 1)
-        self.count[b] += 1
-        self.sum_pred[b] += p
-        self.sum_outcome[b] += outcome
-        self.sq_error += (p - outcome) ** 2
+    def add_prefix(self, ps: list[float], accepted: int) -> None:
+        """Add a verification's tested tokens: predictions `ps`, the first `accepted` of them accepted."""
+        bins, count, sum_pred, sum_outcome = self.bins, self.count, self.sum_pred, self.sum_outcome
+        sq = self.sq_error
+        for j, p in enumerate(ps):
+            b = min(int(p * bins), bins - 1)
+            ok = 1.0 if j < accepted else 0.0
+            count[b] += 1
+            sum_pred[b] += p
+            sum_outcome[b] += ok
+            sq += (p - ok) ** 2
+        self.sq_error = sq
 
     @property
     def n(self) -> int:

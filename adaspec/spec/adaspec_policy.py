@@ -119,23 +119,12 @@ class AdaSpecPolicy(ControlledPolicy):
     def _update_probs(self, batch: BatchView) -> None:
         """Extend each request's P(first j+1 drafts all accepted) with its new confidences, and
         their running sum (added in order: the value of `sum(ps)`, without summing it anew)."""
-        predict, sums = self.acceptance.predict, self._prefix_sums
+        predict_row, sums = self.acceptance.predict_row, self._prefix_sums
         for k, (r, ps) in enumerate(zip(batch.requests, self._prefix_probs, strict=True)):
-            for j in range(len(ps), len(r.confidences)):
-                ps.append((ps[-1] if ps else 1.0) * predict(r.request_id, r.confidences[j], j))
-                sums[k] += ps[-1]
-
-    def expected_tokens(self, batch: BatchView, verified: list[int]) -> float:
-        """As the base class, from this step's prefix probabilities (same values, no re-prediction)."""
-        pp = self._prefix_probs
-        if len(pp) != len(verified) or any(len(ps) < n for ps, n in zip(pp, verified, strict=True)):
-            return super().expected_tokens(batch, verified)
-        total = 0.0
-        for ps, n in zip(pp, verified, strict=True):
-            total += 1
-            for p in ps[:n]:
-                total += p
-        return total
+            if len(ps) < len(r.confidences):
+                for p in predict_row(r.request_id, r.confidences[len(ps):], len(ps)):
+                    ps.append((ps[-1] if ps else 1.0) * p)
+                    sums[k] += ps[-1]
 
     def _sunk_draft_time(self, batch: BatchView, drafted: list[int]) -> float:
         """Predicted time of the draft forwards run so far: `CostModel.draft_forwards` of the step's

@@ -10,7 +10,7 @@ them beyond the steps themselves, which a TPOT SLO pays for too.
 
 from __future__ import annotations
 
-from adaspec.spec.acceptance import AcceptanceModel
+from adaspec.spec.acceptance import AcceptanceModel, expected_tokens
 from adaspec.spec.cost_model import CostModel, StepShape
 from adaspec.spec.decisions import DecisionLog
 from adaspec.spec.policy import BatchView, Policy, StepOutcome
@@ -63,30 +63,22 @@ class ControlledPolicy(Policy):
         return StepShape([r.context_len for r in batch.requests], [r.draft_lag for r in batch.requests],
                          drafted, drafted if verified is None else list(verified))
 
-    def expected_tokens(self, batch: BatchView, verified: list[int]) -> float:
-        """Expected tokens emitted when each request verifies its first `verified` drafts."""
-        total = 0.0
-        for r, n in zip(batch.requests, verified, strict=True):
-            prefix = 1.0
-            total += 1
-            for j, q in enumerate(r.confidences[:n]):
-                prefix *= self.acceptance.predict(r.request_id, q, j)
-                total += prefix
-        return total
-
     def observe(self, outcome: StepOutcome) -> None:
         batch, self._batch = self._batch, None
+        ids, confidences = list(outcome.request_ids), [list(c) for c in outcome.confidences]
+        # every verified token's predicted acceptance, before the step is learned: the log's expected
+        # tokens and the calibration's scores (the policy's own, where it made them while drafting)
+        predictions = self.acceptance.predictions(ids, confidences)
         predicted = None
-        if batch is not None and [r.request_id for r in batch.requests] == list(outcome.request_ids):
-            shape = self.shape(batch, outcome.drafted)
-            predicted = {"tokens": self.expected_tokens(batch, outcome.drafted)}
+        if batch is not None and [r.request_id for r in batch.requests] == ids:
+            predicted = {"tokens": expected_tokens(predictions)}
             if self.cost_model is not None:
+                shape = self.shape(batch, outcome.drafted)
                 t = self.cost_model.observe(shape, outcome.draft_time, outcome.verify_time, outcome.step_time)
                 predicted.update(draft=t.draft, verify=t.verify, overhead=t.overhead, step_time=t.total)
-        self.acceptance.observe_step(list(outcome.request_ids), [list(c) for c in outcome.confidences],
-                                     list(outcome.accepted))
+        self.acceptance.observe_step(ids, confidences, list(outcome.accepted), predictions)
         if batch is not None:
-            self._last = (batch.now, outcome.step_time, set(outcome.request_ids))
+            self._last = (batch.now, outcome.step_time, set(ids))
         self.log.finish(outcome, predicted,
                         None if batch is None else [list(r.confidences) for r in batch.requests])
 
