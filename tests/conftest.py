@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,20 @@ import torch
 
 # Tiny models gain nothing from intra-op threads, and spinning threads oversubscribe a 2-core box.
 torch.set_num_threads(1)
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _profile_cache(tmp_path_factory):
+    """Step-time profiles of the test models go to a session folder, not the user's cache."""
+    old = os.environ.get("ADASPEC_CACHE_DIR")
+    os.environ["ADASPEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("adaspec-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ADASPEC_CACHE_DIR", None)
+    else:
+        os.environ["ADASPEC_CACHE_DIR"] = old
+
 
 TEXT = (
     "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"

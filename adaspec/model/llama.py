@@ -31,6 +31,9 @@ _ROPE_INITIAL_LEN = 4096
 # 2.15 gathered, the target's 14.2 against 16.1; with `--gap-every 2` (twice the rows) the span read
 # lost, 2.28 against 2.12 and 17.7 against 16.5.
 SPAN_READ_MAX = 1.5
+# Changed whenever the forward's speed changes (2: folded grouped-query attention), so start-up
+# profiles timed on an older forward are not reused: part of a profile's cache key.
+FORWARD_VERSION = 2
 
 
 class KVCache:

@@ -6,9 +6,9 @@ Points are measured corners first, then in a fixed shuffled order, until the gri
 budget runs out, so a slow device still gets a profile that spans the whole range.
 
 Profiles are cached under $ADASPEC_CACHE_DIR/profiles (default ~/.cache/adaspec/profiles), keyed
-by both models (name and architecture), device, dtype, thread count, adaspec version and the
-fit's version; a cached profile is reused only if it covers the requested ranges. `reprofile=True`
-measures anew.
+by both models (name and architecture), device, dtype, thread count, adaspec version, and the
+versions of the fit and of the model forward (FIT_VERSION, FORWARD_VERSION); a cached profile is
+reused only if it covers the requested ranges. `reprofile=True` measures anew.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from adaspec.engine.runner import ModelRunner, Row
+from adaspec.model.llama import FORWARD_VERSION
 from adaspec.spec.cost_model import FIT_VERSION, CostModel, ForwardTimeModel
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def profile_key(target: ModelRunner, draft: ModelRunner,
 
     return {"target": model(target, names[0]), "draft": model(draft, names[1]),
             "device": device_name(target.device), "dtype": str(target.cache.dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(), "adaspec": __version__, "fit": FIT_VERSION}
+            "threads": torch.get_num_threads(), "adaspec": __version__, "fit": FIT_VERSION,
+            "forward": FORWARD_VERSION}
 
 
 def profile_path(key: dict) -> Path:
