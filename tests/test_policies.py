@@ -150,6 +150,28 @@ def test_mean_tpot_objective_gives_an_unsure_request_its_first_draft():
     assert unsure_m >= 1 and sure_m < sure
 
 
+def test_steady_objective_weights_each_request_by_its_rate_so_far():
+    """adaspec-steady ranks by sum(r) / (t * sum_i r_i / e_i), r_i a request's rate so far: with no
+    history it is adaspec-meantpot (same lengths); when the sure request has run at twice the unsure
+    one's rate, its deep drafts count for more, so it drafts deeper than under meantpot."""
+    cost = CostModel.linear(draft_step=0.5 * MS, draft_per_row=0.5 * MS, verify_step=10 * MS,
+                            verify_per_token=1 * MS, padded=False)
+
+    def lengths(name, **history):
+        pol = adaspec(cost, {"sure": 0.9, "unsure": 0.3}, name)
+        pol.slo_aware = False
+        reqs = [request("sure", **history.get("sure", {})), request("unsure", **history.get("unsure", {}))]
+        return drive(pol, BatchView(reqs, 8))[2]
+
+    assert lengths("adaspec-steady") == lengths("adaspec-meantpot")
+    # TPOT so far: 20 ms a token for the sure request, 40 ms for the unsure one
+    history = {"sure": {"output_tokens": 11, "since_first_token": 0.2},
+               "unsure": {"output_tokens": 11, "since_first_token": 0.4}}
+    sure_m, _ = lengths("adaspec-meantpot", **history)
+    sure_s, unsure_s = lengths("adaspec-steady", **history)
+    assert sure_s > sure_m
+
+
 def test_verifier_cuts_globally_least_valuable_tails():
     cost = CostModel.linear(draft_step=0.0, verify_step=10 * MS, verify_per_token=3 * MS, padded=False)
     pol = adaspec(cost, {"a": 0.9, "b": 0.9})

@@ -26,7 +26,8 @@ Ablations: `adaspec-drafter` (no verifier, efficiency only), `adaspec-noslo` (no
 without questions: the efficiency model and SLO rule choosing one k a step, with no per-request or
 per-token adaptation and none of its cost; the control for what that adaptation adds); `adaspec-tpot`
 is `adaspec` with `tpot_weighted=True`, `adaspec-meantpot` with `mean_tpot=True` (candidates ranked
-by the batch's mean time per token instead of its tokens per second), `adaspec-late` with
+by the batch's mean time per token instead of its tokens per second), `adaspec-steady` the same
+with each request weighted by its rate so far (`_choose`), `adaspec-late` with
 `late_weighted=True` (only requests behind their SLO weighted, `efficiency.late_weighted`; on the
 conversation trace in session 10 it cut the P99 TPOT but not the mean, docs/trace_replay.md).
 
@@ -73,14 +74,15 @@ class AdaSpecPolicy(ControlledPolicy):
                 "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True},
                 "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False},
                 "adaspec-late": {"late_weighted": True}, "adaspec-uniformreuse": {"reuse_ragged": False},
-                "adaspec-uniform": {"uniform": True}}
+                "adaspec-uniform": {"uniform": True}, "adaspec-steady": {"mean_tpot": True, "steady": True}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
                  rescue_loss: float = RESCUE_LOSS, tpot_weighted: bool = False,
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
                  plan_prior_weight: float | None = None, reuse_plans: bool = True,
-                 late_weighted: bool = False, reuse_ragged: bool = True, uniform: bool = False):
+                 late_weighted: bool = False, reuse_ragged: bool = True, uniform: bool = False,
+                 steady: bool = False):
         if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
             acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
@@ -90,6 +92,8 @@ class AdaSpecPolicy(ControlledPolicy):
         self.late_weighted = late_weighted  # the same, for requests behind their SLO only
         self._weights: list[float] | None = None
         self.mean_tpot = mean_tpot  # rank candidates by the batch's mean time per token (see _choose)
+        self.steady = steady  # ... with each request weighted by its rate so far (see _choose)
+        self._rates: list[float] | None = None  # each request's tokens per step so far, relative
         # The plan ranks requests by their look-ahead and drafts for the top m: with a fixed prior
         # weight of 4 it took a short history's luck for a better request on the built-in prompts
         # (AcceptanceModel.rank_weight). None: the weight learned from the look-ahead's errors.
@@ -164,6 +168,7 @@ class AdaSpecPolicy(ControlledPolicy):
         d["tpot_weighted"] = self.tpot_weighted
         d["late_weighted"] = self.late_weighted
         d["mean_tpot"] = self.mean_tpot
+        d["steady"] = self.steady
         d["plan_prior_weight"] = self.plan_prior_weight
         d["uniform"] = self.uniform
         d["adaptation"] = None if self.adaptation is None else self.adaptation.report()
@@ -178,8 +183,14 @@ class AdaSpecPolicy(ControlledPolicy):
             # emitting e_i tokens of request i: rank the candidates by B / (t * sum_i 1 / e_i), i.e.
             # tokens counted as B / sum(1 / e_i) (their harmonic mean times B), not sum(e_i). A
             # request's first draft then outweighs another's fourth.
+            # steady: a request's 1 / e_i weighted by its rate so far, r_i (tokens per step, relative):
+            # sum_i r_i / e_i is, to first order around the current policy, the change in the batch's
+            # total remaining lifetime in steps, so the candidates are ranked by sum(r) / (t * sum_i
+            # r_i / e_i). Unweighted (mean_tpot alone) it assumes every request runs at the same rate
+            # and undervalues the confident requests' deep drafts.
             rows = tokens_of.rows(list(range(int(np.size(E)))))
-            H = rows.shape[1] / (1.0 / np.maximum(rows, 1e-9)).sum(axis=1)
+            r = np.ones(rows.shape[1]) if self._rates is None else np.asarray(self._rates)
+            H = r.sum() / (r / np.maximum(rows, 1e-9)).sum(axis=1)
             E = H.tolist() if isinstance(E, list) else H.reshape(np.shape(E))
         if uniform:
             h, m = np.indices(np.shape(E))
@@ -210,6 +221,8 @@ class AdaSpecPolicy(ControlledPolicy):
             self._weights = late_weighted(reqs, self._slo)
         else:
             self._weights = None
+        rel_tpot = weighted(reqs) if self.steady else None  # TPOT so far over the batch's: 1 / rate
+        self._rates = None if rel_tpot is None else [1.0 / w for w in rel_tpot]
         self._planned = [0] * len(reqs)
         K = max((r.max_draft for r in reqs), default=0)
         # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K); the
