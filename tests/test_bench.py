@@ -348,3 +348,15 @@ def test_slot_order_times_both_layouts(tiny_pair):
     assert r["ratio"] == r["shuffled"] / r["contiguous"]
     assert gathers[0] == [0, 1, 2, 3] and sorted(gathers[1]) == [0, 1, 2, 3] and gathers[1] != [0, 1, 2, 3]
     assert gathers[2] == gathers[3] == [0, 1, 2, 4]
+
+
+def test_attention_layout_times_both_calls_on_the_same_inputs():
+    """The folded call is the GQA call rearranged: outputs agree to float rounding, for grouped heads
+    and for one KV head per query head; both are timed."""
+    from conftest import load_benchmark
+
+    mod = load_benchmark("attention_layout")
+    for heads, kv in ((4, 2), (3, 3)):
+        r = mod.measure(B=3, T=4, L=24, heads=heads, kv=kv, d=8, repeats=2)
+        assert r["gqa_bool_mask_ms"] > 0 and r["folded_additive_mask_ms"] > 0
+        assert r["max_abs_diff"] < 1e-5
