@@ -963,3 +963,19 @@ def test_rank_weight_scoring_small_batches_match_the_array_path():
         array = model.lookahead_tokens(ids, n, RANK_WEIGHTS)
         floats = [model._lookahead_small(ids, n, w) for w in RANK_WEIGHTS]
         np.testing.assert_allclose(array, floats, rtol=1e-12)
+
+
+def test_lookahead_follows_a_requests_recent_steps():
+    """A request that accepted everything, then nothing: with its past decayed per verification the
+    look-ahead falls further than with the whole history counted alike (request_decay=1.0), whose
+    rate is exactly accepted / tested over every tested token."""
+    models = {d: AcceptanceModel(request_decay=d) for d in (1.0, 0.9)}
+    for m in models.values():
+        for _ in range(20):
+            m.observe("r", [0.9, 0.9, 0.9], 3)
+        for _ in range(5):
+            m.observe("r", [0.9, 0.9, 0.9], 0)
+    plain, decayed = (models[d].predict_unseen("r", 0) for d in (1.0, 0.9))
+    assert decayed < plain - 0.1
+    rate = models[1.0].request_rates["r"]
+    assert (rate.accepted, rate.tested) == (60.0, 65.0)  # 20 x 3 accepted of 3; 5 x 0 of the 1 tested
