@@ -229,7 +229,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.scale = d**-0.5
-        self.gqa = self.n_kv != self.n_heads
+        self.group = self.n_heads // self.n_kv  # query heads per KV head
+        self.gqa = self.group > 1
 
 
 class MLP(nn.Module):
@@ -308,7 +309,7 @@ class DecoderLayer(nn.Module):
             if st.grid is not None:
                 q = q.index_select(0, st.grid)
             # each KV head's g query heads attend as one run of g*T queries (see `_Step.mask`)
-            g = a.n_heads // a.n_kv
+            g = a.group
             q, mask = q.view(B, T, a.n_kv, g, d).permute(0, 2, 3, 1, 4).reshape(B, a.n_kv, g * T, d), st.mask
             if st.read_start is not None:
                 s0 = st.read_start

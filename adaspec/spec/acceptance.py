@@ -192,19 +192,16 @@ class AcceptanceModel:
         its own; inside the engine the observe step did not get measurably faster (session 14,
         `benchmarks/policy_overhead.py`: 0.125 ms a step at c=16 either way)."""
         memo, out = self._memo, []
-        curve = factors = None
-        req = self.requests.get(request_id)
+        curve = None
         for j, q in enumerate(confidences, start):
             key = (request_id, q, j)
             p = memo.get(key)
             if p is None:
-                if curve is None:
+                if curve is None:  # the step's figures, looked up once a row
                     curve, factors = self._calibration_curve(), self._position_factors()
-                    rf = 1.0 if req is None else req.factor(self.request_prior)
-                odds = _odds(_on_curve(curve, q)) * factors[min(j, len(factors) - 1)]
-                if req is not None:
-                    odds *= rf
-                p = memo[key] = _prob(odds)
+                    req = self.requests.get(request_id)
+                    rf = 1.0 if req is None else req.factor(self.request_prior)  # x 1.0 changes nothing
+                p = memo[key] = _prob(_odds(_on_curve(curve, q)) * factors[min(j, len(factors) - 1)] * rf)
             out.append(p)
         return out
 
