@@ -360,3 +360,33 @@ def test_attention_layout_times_both_calls_on_the_same_inputs():
         r = mod.measure(B=3, T=4, L=24, heads=heads, kv=kv, d=8, repeats=2)
         assert r["gqa_bool_mask_ms"] > 0 and r["folded_additive_mask_ms"] > 0
         assert r["max_abs_diff"] < 1e-5
+
+
+def test_lookahead_decay_replays_telemetry_prequentially(tmp_path):
+    """Every request-step with enough drafts is scored once per decay, and the decays differ once a
+    request's outcomes change (no decay counts its whole history alike)."""
+    from conftest import load_benchmark
+
+    from adaspec.spec.acceptance import AcceptanceModel
+
+    mod = load_benchmark("lookahead_decay")
+    steps = [{"kind": "decode", "request_ids": ["a"], "confidences": [[0.9, 0.9, 0.9]], "accepted": [a]}
+             for a in [3] * 10 + [0] * 5]
+    path = tmp_path / "telemetry.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in [{"kind": "prefill"}, *steps]))
+    plain, decayed = (mod.replay(str(path), AcceptanceModel(request_decay=d)) for d in (1.0, 0.9))
+    assert plain["request_steps"] == decayed["request_steps"] == 15
+    assert decayed["mse"] < plain["mse"]  # it follows the switch to rejections sooner
+
+
+def test_forward_times_measures_every_point(tiny_pair):
+    from conftest import load_benchmark
+
+    from adaspec import LLM
+
+    mod = load_benchmark("forward_times")
+    target, draft, _ = tiny_pair
+    engine = LLM(model=target, draft_model=draft, policy="static:2", max_model_len=64, max_num_seqs=4).engine
+    points = [(1, 1, 8), (2, 3, 16)]
+    r = mod.measure(engine.target, points, True, repeats=2)
+    assert set(r) == set(points) and all(v > 0 for v in r.values())

@@ -104,10 +104,11 @@ class _Rate:
 # Per verification, the weight a request's earlier outcomes keep in its look-ahead rate. Acceptance
 # comes in stretches (easy text accepts every draft), so recent steps predict the next better than a
 # request's whole history: replayed prequentially on static:3 and static:5 telemetry of the embedded
-# pair (code trace, Spec-Bench closed loop, conversation trace; `runs/s14/decay_mse.py`, scratch), the
-# look-ahead's squared error on the tokens a step accepts fell in 5 of 5 with 0.9 against 1.0 (no
-# decay), and its under-prediction of 3-5 drafts' tokens shrank (Spec-Bench: -0.153 -> -0.100 tokens
-# a step). Stronger decay (0.7) cut the bias further but raised the error on two of the five.
+# pair (code trace, Spec-Bench closed loop, conversation trace; `python benchmarks/lookahead_decay.py
+# TELEMETRY...`), the look-ahead's squared error on the tokens a step accepts fell in 5 of 5 with 0.9
+# against 1.0 (no decay), and its under-prediction of 3-5 drafts' tokens shrank in 4 of 5 (Spec-Bench
+# static:5: -0.153 -> -0.100 tokens a step; code static:5 -0.060 -> -0.062). Stronger decay (0.7)
+# cut the bias further but raised the error on two of the five.
 REQUEST_DECAY = 0.9
 RANK_WEIGHTS = (4.0, 8.0, 16.0, 32.0)  # prior weights `rank_weight` chooses among (AdaSpecPolicy's model)
 RANK_EVERY = 4  # score the weights on one verification step in this many (see _score_rank_weights)
