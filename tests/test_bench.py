@@ -390,3 +390,21 @@ def test_forward_times_measures_every_point(tiny_pair):
     points = [(1, 1, 8), (2, 3, 16)]
     r = mod.measure(engine.target, points, True, repeats=2)
     assert set(r) == set(points) and all(v > 0 for v in r.values())
+
+
+def test_server_step_times_reads_server_and_in_process_telemetry(tiny_pair, tmp_path):
+    from conftest import load_benchmark
+
+    mod = load_benchmark("server_step_times")
+    target, draft, _ = tiny_pair
+    out = tmp_path / "steps"
+    assert mod.main(["--model", str(target), "--draft-model", str(draft), "--policies", "none,static:2",
+                     "--threads", "1", "--requests", "2", "--max-tokens", "5", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
+    for policy in ("none", "static:2"):
+        for where in ("server", "in_process"):
+            m = res[policy][where]
+            # 2 requests of 5 tokens, the first from the prefill: 8 decode steps without drafts
+            assert (m["steps"] == 8) if policy == "none" else (2 <= m["steps"] <= 8)
+            assert 0 < m["verify_ms"] <= m["step_ms"]
+            assert (m["draft_forward_ms"] is None) == (policy == "none")

@@ -359,6 +359,29 @@ def test_health_reflects_loading_and_failure(tiny_pair, monkeypatch):
         assert post(url, {"prompt": "x"}).status_code == 503
 
 
+def test_model_is_built_on_the_thread_that_steps_it(tiny_pair, monkeypatch):
+    # OpenMP keeps a thread team per calling thread: a model built (and profiled) on one thread and
+    # stepped on another ran every forward 3-4x slower on 2 cores (docs/server_threads.md).
+    import adaspec.llm
+
+    threads, real = {"build": set(), "step": set()}, adaspec.llm.build_engine
+
+    def build(**kw):
+        threads["build"].add(threading.get_ident())
+        eng = real(**kw)
+        step = eng.step
+        eng.step = lambda: (threads["step"].add(threading.get_ident()), step())[1]
+        return eng
+
+    monkeypatch.setattr(adaspec.llm, "build_engine", build)
+    target, draft, _ = tiny_pair
+    kwargs = {"model": str(target), "draft_model": str(draft), "max_model_len": 64, "policy": "static:2"}
+    with serve_in_thread(create_app(kwargs)) as url:
+        assert post(url, {"prompt": "x", "max_tokens": 4}).status_code == 200
+    assert len(threads["build"]) == 1 and threads["step"] == threads["build"]
+    assert threading.get_ident() not in threads["build"]
+
+
 SLOW_SERVE = ("import sys, time\nfrom adaspec.engine.engine import LLMEngine\nstep = LLMEngine.step\n"
               "LLMEngine.step = lambda self: (time.sleep(0.02), step(self))[1]  # keep requests in flight\n"
               "from adaspec.cli import main\nsys.exit(main(sys.argv[1:]))\n")

@@ -3,7 +3,7 @@
     app = create_app(engine)                         # an LLMEngine, ready at once
     app = create_app({"model": ..., "policy": ...})  # build_engine kwargs, loaded after start-up
 
-With kwargs the model loads on a worker thread after the server starts, so `/health` answers 503
+With kwargs the model loads on the engine thread after the server starts, so `/health` answers 503
 ("loading") until it is ready. Every error is an OpenAI error object; only a fault of the server
 or the engine is a 5xx (a body over 16 MiB gets FastAPI's plain-text 413).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hmac
 import logging
 import time
@@ -70,7 +71,8 @@ class ServerState:
         self.on_fatal = on_fatal
         k = source.K if isinstance(source, LLMEngine) else (source or {}).get("num_speculative_tokens", 8)
         self.metrics = ServerMetrics(k)
-        self.engine: AsyncEngine | None = None
+        self.engine: AsyncEngine | None = None  # set once the engine is ready
+        self._engine_thread: AsyncEngine | None = None  # the engine thread, from start-up on
         self.tokenizer = None
         self.load_error: str | None = None
         self.draining = False
@@ -81,28 +83,32 @@ class ServerState:
         # (HF fast tokenizers are not safe to share with the engine thread's detokenizer).
         self.tok_pool = ThreadPoolExecutor(1, thread_name_prefix="adaspec-tok")
 
-    def attach(self, engine: LLMEngine) -> None:
-        if self.closed:
-            return
+    def start(self) -> None:
+        """Start the engine thread; with build_engine kwargs the model loads on that thread (one
+        thread for every torch call, see `async_engine`), and /health answers 503 until it is ready."""
+        if isinstance(self.source, LLMEngine):
+            engine, build = self.source, None
+        else:
+            from adaspec.llm import build_engine
+
+            engine, build = None, functools.partial(build_engine, **self.source)
+        self._engine_thread = AsyncEngine(engine, self.max_waiting, observer=self.metrics)
+        self._engine_thread.start(self.loop, build, self._attach, self._failed)
+
+    def _attach(self, engine: LLMEngine) -> None:
+        """On the engine thread, once the engine exists: the routes may use it from now on."""
         try:
             self.tokenizer = copy.deepcopy(engine.tokenizer)
         except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied is still usable here
             self.tokenizer = engine.tokenizer
-        ae = AsyncEngine(engine, self.max_waiting, observer=self.metrics)
-        ae.start(self.loop)
-        self.engine = ae
+        self.engine = self._engine_thread
         log.info("ready: %s, policy %s", self.names[0], engine.policy.name)
 
-    def load(self, kwargs: dict) -> None:
-        from adaspec.llm import build_engine
-
-        try:
-            self.attach(build_engine(**kwargs))
-        except Exception as exc:  # noqa: BLE001 - reported on /health and by the serve command
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("model load failed: %s", self.load_error)
-            if self.on_fatal is not None:
-                self.on_fatal()
+    def _failed(self, exc: Exception) -> None:
+        self.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("model load failed: %s", self.load_error)
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     @property
     def ready(self) -> bool:
@@ -126,8 +132,8 @@ class ServerState:
 
     async def close(self) -> None:
         self.draining = self.closed = True
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        if self._engine_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._engine_thread.stop)
         self.tok_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -184,10 +190,7 @@ def create_app(engine: LLMEngine | dict | None = None, served_model_names: list[
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         st.loop = asyncio.get_running_loop()
-        if isinstance(engine, LLMEngine):
-            st.attach(engine)
-        else:
-            st.loop.run_in_executor(None, st.load, engine)
+        st.start()
         try:
             yield
         finally:

@@ -5,6 +5,12 @@ post commands (add, abort) into an inbox and never wait on a model step; the eng
 the inbox between steps and hands results back with `loop.call_soon_threadsafe`. Each request keeps
 only its latest snapshot (text so far, token count, final statistics), so a slow client costs
 memory for one string, never a stalled batch or an ever-growing queue.
+
+Given a `build` function, the engine thread also builds the engine (load, start-up profile): every
+torch call of the server then runs on one thread. OpenMP keeps a thread team per calling thread, and
+a second team on this 2-core host made each forward 3-4x slower (batch-1 decode 8.0 ms a step
+against 2.7; `docs/server_threads.md`), and the start-up profile, timed on the first team, described
+a different machine from the one the engine ran on.
 """
 
 from __future__ import annotations
@@ -119,7 +125,7 @@ class AsyncEngine:
     """Owns the engine thread. `observer` (metrics) gets `finished(seq, report)`, `step(record)` and
     `tick(engine, num_queued)` calls, all on the engine thread."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256, observer=None):
+    def __init__(self, engine: LLMEngine | None, max_waiting: int = 256, observer=None):
         if max_waiting < 1:
             raise ValueError("max_waiting must be >= 1")
         self.engine = engine
@@ -137,9 +143,15 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ event-loop side
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, build=None, on_ready=None, on_error=None) -> None:
+        """Start the engine thread. build: makes the engine on that thread (the engine given to the
+        constructor is then None); on_ready(engine) runs there once it exists, before any request is
+        served; on_error(exc) if build raised (the thread then ends)."""
+        if (build is None) == (self.engine is None):
+            raise ValueError("give AsyncEngine either an engine or a build function")
         self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="adaspec-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, args=(build, on_ready, on_error),
+                                        name="adaspec-engine", daemon=True)
         self._thread.start()
 
     @property
@@ -149,7 +161,8 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (self.engine is not None and self._thread is not None and self._thread.is_alive()
+                and not self._stopping)
 
     async def add(self, request_id: str, prompt: list[int], params: SamplingParams, slo: SLO | None,
                   arrival: float) -> RequestStream:
@@ -201,6 +214,19 @@ class AsyncEngine:
     def _unqueue(self, n: int = 1) -> None:
         with self._lock:
             self._queued -= n
+
+    def _main(self, build, on_ready, on_error) -> None:
+        if build is not None:
+            try:
+                engine = build()
+            except Exception as exc:  # noqa: BLE001 - reported by on_error (health, serve command)
+                if on_error is not None:
+                    on_error(exc)
+                return
+            self.engine = engine
+        if on_ready is not None:
+            on_ready(self.engine)
+        self._run()
 
     def _run(self) -> None:
         while True:
