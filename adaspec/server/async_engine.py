@@ -140,6 +140,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._last_record = None
+        self._outbox: list[tuple[RequestStream, Update]] = []  # updates not yet handed over (_deliver)
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -283,7 +284,7 @@ class AsyncEngine:
             if seq.finished:
                 self._finish(live)
             else:
-                self._call(live.stream.put, Update(seq.text, seq.num_output_tokens))
+                self._outbox.append((live.stream, Update(seq.text, seq.num_output_tokens)))
 
     def _finish(self, live: _Live) -> None:
         seq = live.seq
@@ -295,8 +296,16 @@ class AsyncEngine:
         if self.observer is not None:  # metrics first: a client that saw its answer sees it counted
             self._observe("finished", seq, report)
             self._observe("tick", self.engine, self._queued)
-        self._call(live.stream.put, Update(seq.text, seq.num_output_tokens, True, seq.finish_reason,
-                                           seq.error, seq.stats.as_dict(), report))
+        self._outbox.append((live.stream, Update(seq.text, seq.num_output_tokens, True, seq.finish_reason,
+                                                 seq.error, seq.stats.as_dict(), report)))
+
+    def _deliver(self) -> None:
+        """Hand the updates gathered since the last call to the event loop in one wake-up. One
+        `call_soon_threadsafe` per request and step (a self-pipe write each, and the woken loop
+        taking the GIL from the engine thread each time) was 7% of the engine thread at batch 8."""
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            self._call(_put_all, items)
 
     def _sweep(self) -> None:
         """Update the waiting count, finish anything finished outside a step, feed the observer."""
@@ -309,6 +318,7 @@ class AsyncEngine:
                 self._finish(live)
         if left:
             self._unqueue(left)
+        self._deliver()
         if self.observer is not None:
             tel = self.engine.telemetry
             if tel and tel[-1] is not self._last_record:
@@ -337,6 +347,12 @@ class AsyncEngine:
         for live in list(self._live.values()):
             self.engine.abort_request(live.seq.request_id)
             self._finish(live)
+        self._deliver()
+
+
+def _put_all(items: list[tuple[RequestStream, Update]]) -> None:
+    for stream, update in items:
+        stream.put(update)
 
 
 def _settle(fut: asyncio.Future, exc: BaseException | None) -> None:
