@@ -408,3 +408,35 @@ def test_server_step_times_reads_server_and_in_process_telemetry(tiny_pair, tmp_
             assert (m["steps"] == 8) if policy == "none" else (2 <= m["steps"] <= 8)
             assert 0 < m["verify_ms"] <= m["step_ms"]
             assert (m["draft_forward_ms"] is None) == (policy == "none")
+
+
+def test_cost_replay_prices_telemetry_prequentially(tmp_path):
+    from conftest import load_benchmark
+
+    from adaspec.spec.cost_model import CostModel
+
+    mod = load_benchmark("cost_replay")
+    cm = CostModel.linear(draft_step=1e-3, verify_step=2e-3, window=20)
+    cm.save(tmp_path / "profile.json")
+
+    def record(batch, k, m):  # the first m rows draft k tokens, all accepted
+        d = [k] * m + [0] * (batch - m)
+        outside = 2e-4 * (1 + batch) + 1e-4 * k + 2e-5 * sum(d)  # per request, forward and drafted token
+        draft, verify = 1e-3 * k, 2e-3
+        return {"kind": "decode", "request_ids": [f"r{i}" for i in range(batch)],
+                "context_lens": [10] * batch, "drafted": d, "accepted": d, "draft_time": draft,
+                "verify_time": verify, "step_time": draft + verify + outside}
+
+    recs = [record(2, 0, 0)] + [record(1, 3, 1), record(8, 3, 8), record(8, 5, 2), record(4, 2, 4)] * 6
+    recs += [record(16, 5, 16)] * 3
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "replay"
+    assert mod.main([str(tmp_path / "t.jsonl"), "--profile", str(tmp_path / "profile.json"),
+                     "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["steps"] == len(recs)
+    assert set(res["cells"]) >= {"batch>=1 depth=3", "batch>=6 depth=3", "batch>=6 depth=5"}
+    # the cost model prices the outside time per request and per draft forward: a per-token part,
+    # learned as a per-forward rate from a mix of batch sizes, is priced low at a larger batch
+    cell = res["cells"]["batch>=16 depth=5"]  # a shape first seen here, priced from the others
+    assert cell["steps"] == 3 and cell["outside_pred_over_real"] < 0.9
