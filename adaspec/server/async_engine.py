@@ -2,14 +2,15 @@
 
 `LLMEngine` is single-threaded, so exactly one thread (this module's) ever touches it. Handlers
 post commands (add, abort) into an inbox and never wait on a model step; the engine thread drains
-the inbox between steps and hands results back with `loop.call_soon_threadsafe`. Each request keeps
-only its latest snapshot (text so far, token count, final statistics), so a slow client costs
-memory for one string, never a stalled batch or an ever-growing queue.
+the inbox between steps and hands a step's results back in one `loop.call_soon_threadsafe`
+(`_deliver`). Each request keeps only its latest snapshot (text so far, token count, final
+statistics), so a slow client costs memory for one string, never a stalled batch or an
+ever-growing queue.
 
 Given a `build` function, the engine thread also builds the engine (load, start-up profile): every
 torch call of the server then runs on one thread. OpenMP keeps a thread team per calling thread, and
-a second team on this 2-core host made each forward 3-4x slower (batch-1 decode 8.0 ms a step
-against 2.7; `docs/server_threads.md`), and the start-up profile, timed on the first team, described
+a second team on this 2-core host made each forward 3-4x slower (batch-1 decode 7.4-8.1 ms a step
+against 2.0; `docs/server_threads.md`), and the start-up profile, timed on the first team, described
 a different machine from the one the engine ran on.
 """
 
