@@ -6,7 +6,8 @@
 Each telemetry file is a run of its own: a fresh `CostModel` from the profile observes its decode
 steps in order and each step is predicted before it is learned from (prequential, as the engine
 does). Per (batch-size bucket, deepest draft of the step): the summed prediction over the summed
-measurement of the whole step and of the time outside the forwards (`predict_overhead`). A step's
+measurement of the whole step and of the time outside the forwards (`predict_overhead`); and a
+least-squares fit of that outside time over all the steps (`outside_fit`). A step's
 draft lags are not recorded; they are reconstructed from the step before (1 after a draft that was
 not fully accepted or no step yet, 2 after a fully accepted one, +1 for each step without drafts),
 which touches only the first draft forward's width. Session 15 used it to find that the time
@@ -23,9 +24,22 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from adaspec.spec.cost_model import CostModel, StepShape
 
 BUCKETS = (1, 2, 6, 16)  # lower edges of the batch-size buckets
+OUTSIDE_TERMS = ("const", "batch", "draft_forwards", "drafted_tokens")
+
+
+def outside_fit(records: list[dict]) -> dict[str, float]:
+    """Least squares of the time outside the forwards (ms) of decode steps on OUTSIDE_TERMS: how it
+    grows, whatever the cost model assumes."""
+    dec = [r for r in records if r["kind"] == "decode"]
+    x = np.array([[1.0, r["batch_size"], r["draft_steps"], sum(r["drafted"])] for r in dec])
+    y = np.array([1e3 * max(0.0, r["step_time"] - r["draft_time"] - r["verify_time"]) for r in dec])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return dict(zip(OUTSIDE_TERMS, (round(float(c), 4) for c in coef), strict=True))
 
 
 def bucket(batch: int) -> int:
@@ -61,11 +75,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     cm = CostModel.load(a.profile)
     sums: dict = defaultdict(lambda: [0.0] * 6)
+    records = []
     for path in a.telemetry:
-        replay(cm, [json.loads(line) for line in path.read_text().splitlines() if line.strip()], sums)
+        run = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        replay(cm, run, sums)
+        records += run
     steps = sum(c[0] for c in sums.values())
     mape = sum(c[5] for c in sums.values()) / max(steps, 1)
+    fit = outside_fit(records)
     print(f"{int(steps)} decode steps; mean absolute relative error of the step time {mape:.4f}")
+    print("outside the forwards, ms = " + " + ".join(f"{v} {k}" for k, v in fit.items()))
     cells = {}
     for (b, depth), c in sorted(sums.items()):
         row = {"steps": int(c[0]), "step_pred_over_real": c[1] / c[2],
@@ -80,7 +99,7 @@ def main(argv=None) -> int:
         args = sys.argv[1:] if argv is None else argv
         Path(f"{a.out}.json").write_text(json.dumps(
             {"command": "python benchmarks/cost_replay.py " + " ".join(map(str, args)),
-             "steps": int(steps), "mape": mape, "cells": cells}, indent=1) + "\n")
+             "steps": int(steps), "mape": mape, "outside_fit_ms": fit, "cells": cells}, indent=1) + "\n")
     return 0
 
 

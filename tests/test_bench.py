@@ -423,9 +423,9 @@ def test_cost_replay_prices_telemetry_prequentially(tmp_path):
         d = [k] * m + [0] * (batch - m)
         outside = 2e-4 * (1 + batch) + 1e-4 * k + 2e-5 * sum(d)  # per request, forward and drafted token
         draft, verify = 1e-3 * k, 2e-3
-        return {"kind": "decode", "request_ids": [f"r{i}" for i in range(batch)],
-                "context_lens": [10] * batch, "drafted": d, "accepted": d, "draft_time": draft,
-                "verify_time": verify, "step_time": draft + verify + outside}
+        return {"kind": "decode", "request_ids": [f"r{i}" for i in range(batch)], "batch_size": batch,
+                "draft_steps": k, "context_lens": [10] * batch, "drafted": d, "accepted": d,
+                "draft_time": draft, "verify_time": verify, "step_time": draft + verify + outside}
 
     recs = [record(2, 0, 0)] + [record(1, 3, 1), record(8, 3, 8), record(8, 5, 2), record(4, 2, 4)] * 6
     recs += [record(16, 5, 16)] * 3
@@ -440,3 +440,6 @@ def test_cost_replay_prices_telemetry_prequentially(tmp_path):
     # learned as a per-forward rate from a mix of batch sizes, is priced low at a larger batch
     cell = res["cells"]["batch>=16 depth=5"]  # a shape first seen here, priced from the others
     assert cell["steps"] == 3 and cell["outside_pred_over_real"] < 0.9
+    fit = res["outside_fit_ms"]  # the records' outside time: 0.2 + 0.2 b + 0.1 forwards + 0.02 drafted
+    assert [fit[k] for k in ("const", "batch", "draft_forwards", "drafted_tokens")] == pytest.approx(
+        [0.2, 0.2, 0.1, 0.02], abs=1e-6)
