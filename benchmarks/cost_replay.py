@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from adaspec.spec import cost_model
 from adaspec.spec.cost_model import CostModel, StepShape
 
 BUCKETS = (1, 2, 6, 16)  # lower edges of the batch-size buckets
@@ -46,9 +48,11 @@ def bucket(batch: int) -> int:
     return max(b for b in BUCKETS if b <= batch)
 
 
-def replay(cm: CostModel, records: list[dict], sums: dict) -> None:
+def replay(cm: CostModel, records: list[dict], sums: dict, profiled: dict | None = None) -> None:
     """Observe one run's decode steps in order, adding (steps, predicted and measured step time,
-    predicted and measured time outside the forwards, absolute relative error) per cell to `sums`."""
+    predicted and measured time outside the forwards, absolute relative error) per cell to `sums`,
+    and to `profiled[(batch bucket, "draft" | "verify")]` each step's measured time over the start-up
+    profile's (no online correction)."""
     cm.reset()
     lag: dict[str, int] = defaultdict(lambda: 1)
     for r in records:
@@ -56,6 +60,11 @@ def replay(cm: CostModel, records: list[dict], sums: dict) -> None:
             continue
         ids, drafted = r["request_ids"], r["drafted"]
         shape = StepShape(list(r["context_lens"]), [lag[i] for i in ids], list(drafted), list(drafted))
+        if profiled is not None:
+            base = cm.predict(shape, corrected=False)
+            if base.draft > 0 and r["draft_time"] > 0:
+                profiled[(bucket(len(ids)), "draft")].append(r["draft_time"] / base.draft)
+            profiled[(bucket(len(ids)), "verify")].append(r["verify_time"] / base.verify)
         p = cm.observe(shape, r["draft_time"], r["verify_time"], r["step_time"])
         for i, d, a in zip(ids, drafted, r["accepted"], strict=True):
             lag[i] = (2 if a == d else 1) if d else lag[i] + 1
@@ -71,20 +80,42 @@ def main(argv=None) -> int:
     ap.add_argument("telemetry", nargs="+", type=Path)
     ap.add_argument("--profile", type=Path, required=True, help="a cost-model profile (JSON)")
     ap.add_argument("--min-steps", type=int, default=10, help="cells with fewer steps are not printed")
+    ap.add_argument("--median", action="store_true",
+                    help="online corrections by the median of their window, as until session 16 "
+                         "(default: the mean without outliers, `robust_mean`)")
     ap.add_argument("--out", help="write OUT.json")
     a = ap.parse_args(argv)
+    default = cost_model.robust_mean
+    if a.median:
+        cost_model.robust_mean = statistics.median
+    try:
+        return report(a, argv)
+    finally:
+        cost_model.robust_mean = default
+
+
+def report(a: argparse.Namespace, argv) -> int:
     cm = CostModel.load(a.profile)
     sums: dict = defaultdict(lambda: [0.0] * 6)
+    profiled: dict = defaultdict(list)
     records = []
     for path in a.telemetry:
         run = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        replay(cm, run, sums)
+        replay(cm, run, sums, profiled)
         records += run
     steps = sum(c[0] for c in sums.values())
     mape = sum(c[5] for c in sums.values()) / max(steps, 1)
+    bias = sum(c[1] for c in sums.values()) / max(sum(c[2] for c in sums.values()), 1e-12)
     fit = outside_fit(records)
-    print(f"{int(steps)} decode steps; mean absolute relative error of the step time {mape:.4f}")
+    print(f"{int(steps)} decode steps; mean absolute relative error of the step time {mape:.4f}; "
+          f"predicted / measured over all of them {bias:.4f}")
     print("outside the forwards, ms = " + " + ".join(f"{v} {k}" for k, v in fit.items()))
+    by_batch = {f"batch>={b} {part}": {"steps": len(v), "median": statistics.median(v),
+                                        "mean": statistics.fmean(v)}
+                for (b, part), v in sorted(profiled.items())}
+    for k, v in by_batch.items():
+        print(f"measured / profiled, {k}: median {v['median']:.3f}, mean {v['mean']:.3f} "
+              f"({v['steps']} steps)")
     cells = {}
     for (b, depth), c in sorted(sums.items()):
         row = {"steps": int(c[0]), "step_pred_over_real": c[1] / c[2],
@@ -99,7 +130,9 @@ def main(argv=None) -> int:
         args = sys.argv[1:] if argv is None else argv
         Path(f"{a.out}.json").write_text(json.dumps(
             {"command": "python benchmarks/cost_replay.py " + " ".join(map(str, args)),
-             "steps": int(steps), "mape": mape, "outside_fit_ms": fit, "cells": cells}, indent=1) + "\n")
+             "steps": int(steps), "correction": "median" if a.median else "robust_mean", "mape": mape,
+             "step_pred_over_real": bias, "outside_fit_ms": fit,
+             "measured_over_profiled": by_batch, "cells": cells}, indent=1) + "\n")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +138,63 @@ def test_online_correction_follows_drift_and_shrugs_off_outliers():
     assert cm.verify_scale.value == 1 and cm.error_report() == {"steps": 0}
 
 
+def test_online_correction_prices_skewed_step_times_at_their_mean():
+    """On a shared machine one step in five runs at half speed: the corrected model prices a run's
+    steps at their mean (a median of the ratios priced the run 1/1.2 = 17% low, so TPOT checks
+    passed steps that then ran over), and a step stalled 10x is still left out."""
+    from unittest import mock
+
+    from adaspec.spec import cost_model
+
+    def run() -> float:
+        cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2, window=20)
+        shape = StepShape([10, 10], [1, 1], [3, 2], [3, 2])
+        base = cm.predict(shape)
+        predicted = measured = 0.0
+        for i in range(200):
+            f = 10.0 if i == 150 else 2.0 if i % 5 == 4 else 1.0
+            p = cm.predict(shape).total
+            cm.observe(shape, f * base.draft, f * base.verify, f * base.total)
+            if i >= 40 and i != 150:
+                predicted, measured = predicted + p, measured + f * base.total
+        return predicted / measured
+
+    assert run() == pytest.approx(1.0, abs=0.02)
+    with mock.patch.object(cost_model, "robust_mean", statistics.median):
+        assert run() == pytest.approx(1 / 1.2, abs=0.02)
+
+
+def test_draft_is_corrected_per_rows_of_its_forwards():
+    """The profile prices the draft right at batch 1 and 1.5x low at batch 8 (it times forwards back
+    to back, warm; in a step they follow the target's): each row-count bucket learns its own factor,
+    so a step at batch 1 and one at batch 8 are both priced right (one shared factor learned from a
+    mix would misprice both), a forward of a few rows late in a step at its own rows' factor, and a
+    bucket with no steps of its own takes the shared one."""
+    cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2, draft_per_row=1e-4, window=10)
+
+    def shape(batch, k):
+        return StepShape([10] * batch, [1] * batch, [k] * batch, [k] * batch)
+
+    one, eight = shape(1, 3), shape(8, 3)
+    base_one, base_eight = cm.predict(one, corrected=False), cm.predict(eight, corrected=False)
+    for _ in range(6):
+        for s, f in ((one, 1.0), (eight, 1.5)):
+            b = cm.predict(s, corrected=False)
+            cm.observe(s, f * b.draft, b.verify, f * b.draft + b.verify)
+    assert cm.predict(one).draft == pytest.approx(base_one.draft)
+    assert cm.predict(eight).draft == pytest.approx(1.5 * base_eight.draft)
+    assert cm.predict_draft(8, 1, 10) == pytest.approx(1.5 * cm.draft.predict(8, 1, 10))
+    assert cm.predict_draft_grid(np.array([1, 8, 12]), 1, 10).tolist() == pytest.approx(
+        [cm.predict_draft(b, 1, 10) for b in (1, 8, 12)])
+    assert cm.draft_factor_at(3) == pytest.approx(cm.draft_factor)  # no steps at 2-3 rows: the shared
+    ragged = StepShape([10] * 8, [1] * 8, [3] * 2 + [1] * 6, [3] * 2 + [1] * 6)  # forwards of 8, 2, 2 rows
+    f8, f2 = cm.draft_forwards(ragged)[0], cm.draft_forwards(ragged)[1]
+    assert cm.predict(ragged).draft == pytest.approx(
+        1.5 * cm.draft.predict(*f8) + 2 * cm.draft_factor * cm.draft.predict(*f2))
+    assert cm.error_report()["draft_scale_by_rows"] == pytest.approx(
+        {"1+": 1.0, "2+": cm.draft_factor, "4+": cm.draft_factor, "8+": 1.5})
+
+
 def test_verification_is_corrected_apart_from_plain_decoding():
     """The profile underestimates plain decode forwards (width 1) by 2x but verifications by only
     1.2x: each learns its own factor, so a plain step is not priced by the wide ones' factor; every
@@ -200,7 +259,7 @@ def test_per_forward_overhead_needs_fresh_samples():
     assert cm.predict(spec).overhead == pytest.approx(2e-4)
     for _ in range(2):
         observe(spec, 2e-4 + 4 * 3e-4)
-    assert cm.overhead_per_forward == pytest.approx(3e-4)  # the median of three
+    assert cm.overhead_per_forward == pytest.approx(3e-4)  # the trimmed mean of three: their median
     for _ in range(20):
         observe(plain, 2e-4)
     assert cm.overhead_per_forward == pytest.approx(3e-4)  # the latest sample 20 steps ago: fresh

@@ -19,7 +19,7 @@ def _random_case(rng: random.Random):
                    rng.random() * 1e-5, layout=rng.choice(["padded", "packed", "mean"]))
     cm.draft_scale.value, cm.verify_scale.value = rng.uniform(0.5, 2), rng.uniform(0.5, 2)
     if rng.random() < 0.5:  # the draft corrected on its own (else it takes the verification's factor)
-        cm.draft_scale.ratios.extend([cm.draft_scale.value] * 3)
+        cm.draft_scale.shared.ratios.extend([cm.draft_scale.value] * 3)
         cm._draft_seen = cm._steps
     for k, bucket in enumerate(cm.verify_scale.buckets):  # some widths corrected on their own
         if rng.random() < 0.5:

@@ -140,7 +140,7 @@ class FittedCostModel(CostModel):
 
     # The grids through the vectorised path (the base class would call `predict` cell by cell).
     def predict_draft_grid(self, batch, tokens_per_seq, context) -> np.ndarray:
-        return self.draft.predict_elementwise(batch, tokens_per_seq, context) * self.draft_factor
+        return self.draft.predict_elementwise(batch, tokens_per_seq, context) * self.draft_factor_grid(batch)
 
     def predict_verify_grid(self, batch, tokens_per_seq, context) -> np.ndarray:
         return self.verify.predict_elementwise(batch, tokens_per_seq, context) * self.verify_scale.grid(

@@ -185,6 +185,22 @@ def _elementwise(model, batch, tokens_per_seq, context, attn_width=None) -> np.n
 
 MIN_SAMPLES = 3  # an online figure fed only by some steps counts with at least this many samples
 
+# An online window's samples further than this factor from their median are outliers (`robust_mean`).
+OUTLIER_FACTOR = 3.0
+
+
+def robust_mean(values) -> float:
+    """Mean of the values within OUTLIER_FACTOR of their median (from a third of it to three times
+    it). The online corrections use it instead of the median they used until session 16: step
+    times on a shared machine are skewed to the slow side, so a median of measured/predicted ratios
+    sits below their mean and the corrected model predicted a run's steps low on the whole (see
+    `_Scale`); a step stalled several times over (a page fault, a first call) is still left out, so
+    it does not skew the next dozens."""
+    med = statistics.median(values)
+    lo, hi = med / OUTLIER_FACTOR, med * OUTLIER_FACTOR
+    kept = [v for v in values if lo <= v <= hi]
+    return sum(kept) / len(kept)
+
 
 def _fresh(samples: int, steps_since_latest: int, window: int) -> bool:
     """Enough samples of its own, the latest within the last 2 * window steps. A figure fed only by
@@ -195,8 +211,11 @@ def _fresh(samples: int, steps_since_latest: int, window: int) -> bool:
 
 
 class _Scale:
-    """Online multiplicative correction: the median of the last `window` measured/predicted ratios
-    (a median, so one outlier step on a shared machine does not skew the next dozens)."""
+    """Online multiplicative correction: the mean of the last `window` measured/predicted ratios
+    without outliers (`robust_mean`). A median until session 16: replayed over that session's trace
+    telemetry (`benchmarks/cost_replay.py --median`), the corrected model predicted 6.5% less step
+    time than was measured, against 1.3% with the mean (its mean absolute error 10.9% against 9.9%:
+    the median is the better guess of one step, the mean of a request's many)."""
 
     def __init__(self, window: int):
         self.window = window
@@ -206,35 +225,27 @@ class _Scale:
     def update(self, measured: float, predicted: float) -> None:
         if self.window and measured > 0 and predicted > 0:
             self.ratios.append(measured / predicted)
-            self.value = min(20.0, max(0.05, statistics.median(self.ratios)))
+            self.value = min(20.0, max(0.05, robust_mean(self.ratios)))
 
     def trusted(self, steps_since_latest: int) -> bool:
         """`_fresh` for its ratios."""
         return _fresh(len(self.ratios), steps_since_latest, self.window)
 
 
-class _WidthScale:
-    """The verification's online correction, apart for plain decode forwards (width 1) and
-    verifications (width 2+): the start-up profile can be off by different factors for the two, and
-    one shared factor learned from wide steps would misprice narrow ones (and the choice between
-    speculating and not). A bucket uses the shared factor while it has too few steps of its own, or
-    none in the last `2 * window` steps: a stale factor (say, from a slow spell) must not keep a
-    policy away from a width for good, since only steps of that width would correct it.
+class _BucketScale:
+    """An online correction with a factor of its own per bucket of one figure of the forward (lower
+    edges BUCKETS) and one shared by all. A bucket uses the shared factor while it has too few
+    steps of its own, or none in the last `2 * window` updates: a stale factor (say, from a slow
+    spell) must not keep a policy away from a bucket for good, since only steps there correct it."""
 
-    Verification widths share one factor: with one per width range (2-3 | 4-6 | 7+, sessions 4-5)
-    each range's factor followed the steps the policy happened to run there, and on a noisy machine
-    the ranges drifted apart by up to 20% (measured at batch 16: depth 3 priced below depth 2),
-    which swung the plan's depth between runs. The profile is fitted over widths, so what drifts
-    online is mostly the whole machine's speed: one factor keeps the prices monotone in width."""
-
-    BUCKETS = (1, 2)  # lower edges: widths 1 | 2+
-    EDGES = tuple(b - 0.5 for b in BUCKETS[1:])  # a mean width (unpadded engines) rounds to a bucket
+    BUCKETS: tuple[int, ...] = (1,)
 
     def __init__(self, window: int):
         self.shared = _Scale(window)
         self.buckets = [_Scale(window) for _ in self.BUCKETS]
+        self.edges = tuple(b - 0.5 for b in self.BUCKETS[1:])  # a mean figure rounds to a bucket
         self.steps = 0
-        self.last = [-(10**9)] * len(self.BUCKETS)  # step of each bucket's latest ratio
+        self.last = [-(10**9)] * len(self.BUCKETS)  # update of each bucket's latest ratio
 
     @property
     def value(self) -> float:
@@ -244,29 +255,56 @@ class _WidthScale:
     def value(self, v: float) -> None:
         self.shared.value = v
 
-    @classmethod
-    def _bucket(cls, width: float) -> int:
-        return bisect.bisect_right(cls.EDGES, width)
+    def _bucket(self, x: float) -> int:
+        return bisect.bisect_right(self.edges, x)
 
-    def update(self, measured: float, predicted: float, width: float) -> None:
+    def update(self, measured: float, predicted: float, x: float) -> None:
         self.steps += 1
         self.shared.update(measured, predicted)
-        b = self._bucket(width)
+        b = self._bucket(x)
         self.buckets[b].update(measured, predicted)
         self.last[b] = self.steps
 
-    def at(self, width: float) -> float:
-        b = self._bucket(width)
+    def at(self, x: float) -> float:
+        b = self._bucket(x)
         s = self.buckets[b]
         return s.value if s.trusted(self.steps - self.last[b]) else self.shared.value
 
-    def grid(self, width) -> np.ndarray:
-        """`at` elementwise over an array of widths."""
-        idx = np.searchsorted(self.EDGES, np.asarray(width, dtype=float), side="right")
+    def grid(self, x) -> np.ndarray:
+        """`at` elementwise over an array."""
+        idx = np.searchsorted(self.edges, np.asarray(x, dtype=float), side="right")
         return np.array([self.at(edge) for edge in self.BUCKETS])[idx]
 
     def report(self) -> dict:
         return {f"{lo}+": round(self.at(lo), 4) for lo in self.BUCKETS}
+
+
+class _WidthScale(_BucketScale):
+    """The verification's online correction, apart for plain decode forwards (width 1) and
+    verifications (width 2+): the start-up profile can be off by different factors for the two, and
+    one shared factor learned from wide steps would misprice narrow ones (and the choice between
+    speculating and not).
+
+    Verification widths share one factor: with one per width range (2-3 | 4-6 | 7+, sessions 4-5)
+    each range's factor followed the steps the policy happened to run there, and on a noisy machine
+    the ranges drifted apart by up to 20% (measured at batch 16: depth 3 priced below depth 2),
+    which swung the plan's depth between runs. The profile is fitted over widths, so what drifts
+    online is mostly the whole machine's speed: one factor keeps the prices monotone in width."""
+
+    BUCKETS = (1, 2)  # lower edges: widths 1 | 2+
+
+
+class _RowScale(_BucketScale):
+    """The draft's online correction per rows of a step's first draft forward (1 | 2-3 | 4-7 | 8+).
+    Measured over the telemetry of session 16's trace replays (`benchmarks/cost_replay.py`, 10,693
+    decode steps of adaspec and static:3), the draft's time over the start-up profile's grew with
+    the batch (median 1.09 at batch 1, 1.28 at 2-5, 1.41 at 6-15, 1.63 at 16+) where the
+    verification's did not (1.09-1.15). Part of it is the cache: the profile times a forward three
+    times in a row, warm; after a target forward a batch-16 draft forward took 30% longer, a batch-1
+    one 9% (a scratch probe). A window of steps at one batch size hides most of it, but the plan
+    also prices drafts for a few of many requests, and one factor priced those at the full batch's."""
+
+    BUCKETS = (1, 2, 4, 8)
 
 
 LAYOUTS = ("padded", "packed", "mean")
@@ -315,7 +353,7 @@ class CostModel:
 
     def reset(self) -> None:
         """Forget online corrections (keep the profile)."""
-        self.draft_scale = _Scale(self.window)
+        self.draft_scale = _RowScale(self.window)
         self.verify_scale = _WidthScale(self.window)
         self._steps, self._draft_seen = 0, -(10**9)  # steps observed; the latest that drafted
         self._per_request: deque[float] = deque(maxlen=max(self.window, 1))  # from plain steps
@@ -336,12 +374,20 @@ class CostModel:
         speculating stops correcting it: two slow first steps (first-call work) once priced a draft
         at 5x and kept `smartspec` from speculating for a whole run (session 7). So it counts only
         while `_Scale.trusted`; otherwise drafts are priced with the verification's shared factor,
-        which every step updates (the machine's speed)."""
-        s = self.draft_scale
-        return s.value if s.trusted(self._steps - self._draft_seen) else self.verify_scale.value
+        which every step updates (the machine's speed). This is the factor over all row counts;
+        a forward is priced at its rows' own (`draft_factor_at`)."""
+        return self.draft_scale.value if self._draft_trusted() else self.verify_scale.value
+
+    def _draft_trusted(self) -> bool:
+        return self.draft_scale.shared.trusted(self._steps - self._draft_seen)
+
+    def draft_factor_at(self, rows: int) -> float:
+        """The draft's online correction for a forward of `rows` rows (`_RowScale`), or the
+        verification's shared factor while the draft's is not trusted (`draft_factor`)."""
+        return self.draft_scale.at(rows) if self._draft_trusted() else self.verify_scale.value
 
     def predict_draft(self, batch_size, tokens_per_seq, context_len, attn_width=None):
-        scale = self.draft_factor
+        scale = self.draft_factor_at(batch_size)
         return self.draft.predict(batch_size, tokens_per_seq, context_len, attn_width) * scale
 
     def predict_verify(self, batch_size, tokens_per_seq, context_len, attn_width=None):
@@ -351,7 +397,11 @@ class CostModel:
     def predict_draft_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None) -> np.ndarray:
         """`predict_draft` elementwise over arrays (same values as scalar calls)."""
         return (_elementwise(self.draft, batch_size, tokens_per_seq, context_len, attn_width)
-                * self.draft_factor)
+                * self.draft_factor_grid(batch_size))
+
+    def draft_factor_grid(self, rows):
+        """`draft_factor_at` elementwise over an array of row counts."""
+        return self.draft_scale.grid(rows) if self._draft_trusted() else self.verify_scale.value
 
     def predict_verify_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None) -> np.ndarray:
         """`predict_verify` elementwise over arrays (same values as scalar calls)."""
@@ -426,15 +476,27 @@ class CostModel:
         return self.forward([n + 1 for n in shape.verified],
                             [c + n for c, n in zip(shape.contexts, shape.verified, strict=True)])
 
+    def _draft_parts(self, shape: StepShape) -> tuple[float, float, int]:
+        """The step's draft time as profiled and as corrected (each forward at its rows' factor), and
+        the rows of its first draft forward (0: no drafts)."""
+        base = corrected = 0.0
+        forwards = self.draft_forwards(shape)
+        for f in forwards:
+            t = self.draft.predict(*f)
+            base += t
+            corrected += t * self.draft_factor_at(f[0])
+        return base, corrected, forwards[0][0] if forwards else 0
+
     def predict(self, shape: StepShape, corrected: bool = True) -> StepTime:
-        draft = sum(self.draft.predict(*f) for f in self.draft_forwards(shape))
+        base, draft, _ = self._draft_parts(shape)
         forward = self.verify_forward(shape)
         verify = self.verify.predict(*forward)
         if corrected:
             overhead = self.predict_overhead(len(shape.contexts), sum(shape.drafted),
                                              max(shape.drafted, default=0))
-            draft, verify = draft * self.draft_factor, verify * self.verify_scale.at(forward[1])
+            verify = verify * self.verify_scale.at(forward[1])
         else:
+            draft = base
             overhead = self.base_overhead_per_row * (1 + len(shape.contexts) + sum(shape.drafted))
         return StepTime(float(draft), float(verify), float(overhead))
 
@@ -443,17 +505,19 @@ class CostModel:
     def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float) -> StepTime:
         """Learn from one measured step (the prediction error is recorded first, prequentially);
         returns what was predicted for it before learning (= `predict(shape)`)."""
-        base = self.predict(shape, corrected=False)
+        draft_base, draft, first_rows = self._draft_parts(shape)
+        forward = self.verify_forward(shape)
+        verify_base, width = self.verify.predict(*forward), forward[1]
         rows, forwards = 1 + len(shape.contexts), max(shape.drafted, default=0)
-        width = self.verify_forward(shape)[1]
-        ours = StepTime(base.draft * self.draft_factor, base.verify * self.verify_scale.at(width),
+        base_total = draft_base + verify_base + self.base_overhead_per_row * (rows + sum(shape.drafted))
+        ours = StepTime(float(draft), float(verify_base * self.verify_scale.at(width)),
                         self.predict_overhead(rows - 1, 0, forwards))  # = predict(shape), not predicted twice
-        self._errors.append((step_time, ours.total, base.total))
+        self._errors.append((step_time, ours.total, float(base_total)))
         self._steps += 1
         if ours.draft > 0 and draft_time > 0:
-            self.draft_scale.update(draft_time, base.draft)
+            self.draft_scale.update(draft_time, draft_base, first_rows)
             self._draft_seen = self._steps
-        self.verify_scale.update(verify_time, base.verify, width)
+        self.verify_scale.update(verify_time, verify_base, width)
         if self.window:
             self._learn_overhead(rows, forwards, max(0.0, step_time - draft_time - verify_time))
         return ours
@@ -465,14 +529,14 @@ class CostModel:
         which the next plain step removes)."""
         if forwards and self._plain_seen:
             self._per_forward.append(max(0.0, outside - self.overhead_per_request * rows) / forwards)
-            self._overhead_per_forward = statistics.median(self._per_forward)
+            self._overhead_per_forward = robust_mean(self._per_forward)
             self._forward_seen = self._steps
             return
         if not forwards and not self._plain_seen:
             self._plain_seen = True
             self._per_request.clear()  # those came from speculating steps
         self._per_request.append(outside / rows)
-        self.overhead_per_request = statistics.median(self._per_request)
+        self.overhead_per_request = robust_mean(self._per_request)
 
     @property
     def observed_steps(self) -> int:
@@ -490,7 +554,8 @@ class CostModel:
                 "median_ape": float(np.median(np.abs(rel))), "bias": float(np.mean(rel)),
                 "mape_uncorrected": float(np.mean(np.abs(rel_base))),
                 "bias_uncorrected": float(np.mean(rel_base)),
-                "draft_scale": self.draft_factor, "verify_scale": self.verify_scale.value,
+                "draft_scale": self.draft_factor, "draft_scale_by_rows": self.draft_scale.report(),
+                "verify_scale": self.verify_scale.value,
                 "verify_scale_by_width": self.verify_scale.report(),
                 "overhead_per_request_s": self.overhead_per_request,
                 "overhead_per_forward_s": self.overhead_per_forward}
