@@ -949,6 +949,26 @@ def test_uniform_variant_gives_every_request_the_plans_depth():
     assert drive(pol, BatchView([request("a"), request("b")], 8)) == ([0, 0], [0, 0], [0, 0])
 
 
+def test_hybrid_variant_plans_per_request_below_its_batch_size_and_uniform_from_it():
+    """`adaspec-hybrid`: below `uniform_from` requests draft by confidence, as `adaspec`; from it on
+    every request that may draft gets the plan's depth, drafted without questions."""
+    cost = CostModel.linear(draft_step=0.5 * MS, draft_per_row=0.5 * MS, verify_step=10 * MS,
+                            verify_per_token=1 * MS, padded=False)
+    rates = {"sure": 0.9, "unsure": 0.2, "short": 0.9}
+    small = BatchView([request("sure"), request("unsure"), request("short", cap=2)], 8)
+    pol = adaspec(cost, rates, "adaspec-hybrid")
+    pol.uniform_from = 4
+    planned, _, _ = drive(pol, small, lambda i, j: 0.02 if j == 1 else 0.9)
+    assert planned[0] > planned[1]  # the confident request drafts longer (as `adaspec` would)
+    pol = adaspec(cost, rates, "adaspec-hybrid")
+    pol.uniform_from = 3
+    batch = BatchView([request("sure"), request("unsure"), request("short", cap=2)], 8)
+    planned, drafted, verified = drive(pol, batch, lambda i, j: 0.02 if j == 1 else 0.9)
+    h = planned[0]
+    assert h >= 1 and planned == [h, h, min(h, 2)] and drafted == planned and verified == planned
+    assert pol.describe()["uniform_from"] == 3 and pol.describe()["uniform"] is False
+
+
 def test_rank_weight_scoring_small_batches_match_the_array_path():
     """Batches of one or two score the look-ahead in plain floats: the same values as the array
     path used for larger batches."""

@@ -29,7 +29,8 @@ is `adaspec` with `tpot_weighted=True`, `adaspec-meantpot` with `mean_tpot=True`
 by the batch's mean time per token instead of its tokens per second), `adaspec-steady` the same
 with each request weighted by its rate so far (`_choose`), `adaspec-late` with
 `late_weighted=True` (only requests behind their SLO weighted, `efficiency.late_weighted`; on the
-conversation trace in session 10 it cut the P99 TPOT but not the mean, docs/trace_replay.md).
+conversation trace in session 10 it cut the P99 TPOT but not the mean, docs/trace_replay.md), and
+`adaspec-hybrid` plans as `adaspec` below UNIFORM_FROM requests and as `adaspec-uniform` from it on.
 
 keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on by default) a
 speculating step runs them only where, at this batch size, their measured cost has been below the
@@ -65,6 +66,11 @@ from adaspec.spec.policy import BatchView, StepOutcome, fit_limits
 from adaspec.spec.replan import SLO_HEADROOM, ReplanSchedule
 
 STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft + bonus token)
+# adaspec-hybrid plans as adaspec-uniform from this batch size on: at c=16 in the closed loop the
+# per-request plan expected 1.3% more than depth 3 for all and its decisions cost ~4.6% of the step
+# (docs/policies.md, session 16); at batch 1-4 per-request lengths were level with or ahead of one
+# depth for all (sessions 9 and 14).
+UNIFORM_FROM = 8
 
 class AdaSpecPolicy(ControlledPolicy):
     name = "adaspec"
@@ -74,7 +80,8 @@ class AdaSpecPolicy(ControlledPolicy):
                 "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True},
                 "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False},
                 "adaspec-late": {"late_weighted": True}, "adaspec-uniformreuse": {"reuse_ragged": False},
-                "adaspec-uniform": {"uniform": True}, "adaspec-steady": {"mean_tpot": True, "steady": True}}
+                "adaspec-uniform": {"uniform": True}, "adaspec-steady": {"mean_tpot": True, "steady": True},
+                "adaspec-hybrid": {"uniform_from": UNIFORM_FROM}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
@@ -82,7 +89,7 @@ class AdaSpecPolicy(ControlledPolicy):
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
                  plan_prior_weight: float | None = None, reuse_plans: bool = True,
                  late_weighted: bool = False, reuse_ragged: bool = True, uniform: bool = False,
-                 steady: bool = False):
+                 steady: bool = False, uniform_from: int | None = None):
         if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
             acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
@@ -104,6 +111,7 @@ class AdaSpecPolicy(ControlledPolicy):
         self.replan = ReplanSchedule() if reuse_plans else None
         self.reuse_ragged = reuse_ragged  # False: reuse only decisions that treat every request alike
         self.uniform = uniform  # True: one depth for all that may draft, drafted without questions
+        self.uniform_from = uniform_from  # ... at batches of this size and larger (None: never)
         self._adapting = True  # this step runs keep_drafting and prune
         self._fixed: list[int] | None = None  # the plan's fixed depths, when it speculates
         self._gain: float | None = None
@@ -171,6 +179,7 @@ class AdaSpecPolicy(ControlledPolicy):
         d["steady"] = self.steady
         d["plan_prior_weight"] = self.plan_prior_weight
         d["uniform"] = self.uniform
+        d["uniform_from"] = self.uniform_from
         d["adaptation"] = None if self.adaptation is None else self.adaptation.report()
         d["replan"] = None if self.replan is None else self.replan.report()
         return d
@@ -240,14 +249,15 @@ class AdaSpecPolicy(ControlledPolicy):
             self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [ranked[i][:reqs[i].max_draft] for i in cont],
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
-        choice, checks = self._choose(T, E, tokens_of, uniform=self.uniform)
+        uniform = self.uniform or (self.uniform_from is not None and n >= self.uniform_from)
+        choice, checks = self._choose(T, E, tokens_of, uniform=uniform)
         h, m = divmod(choice, T.shape[1])
         if h and m:
             fixed = [0] * n
             for i in order[:m]:
                 fixed[i] = h
             self._fixed = fit_limits(batch, fixed)
-            if self.uniform:
+            if uniform:
                 self._adapting = False
             elif self.adaptation is not None:
                 self._adapting = self.adaptation.decide(n)

@@ -299,10 +299,11 @@ class _RowScale(_BucketScale):
     Measured over the telemetry of session 16's trace replays (`benchmarks/cost_replay.py`, 10,693
     decode steps of adaspec and static:3), the draft's time over the start-up profile's grew with
     the batch (median 1.09 at batch 1, 1.28 at 2-5, 1.41 at 6-15, 1.63 at 16+) where the
-    verification's did not (1.09-1.15). Part of it is the cache: the profile times a forward three
-    times in a row, warm; after a target forward a batch-16 draft forward took 30% longer, a batch-1
-    one 9% (a scratch probe). A window of steps at one batch size hides most of it, but the plan
-    also prices drafts for a few of many requests, and one factor priced those at the full batch's."""
+    verification's did not (1.09-1.15). The cause was not traced: draft forwards timed as in a step
+    (after a target verification, three at advancing positions) came within 3-8% of the profile's
+    at batch 1-16 (a scratch probe). A window of steps at one batch size hides most of it, but the
+    plan also prices drafts for a few of many requests, and one factor priced those at the full
+    batch's."""
 
     BUCKETS = (1, 2, 4, 8)
 
