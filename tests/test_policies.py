@@ -706,7 +706,7 @@ def reference(tiny_pair):
 
 @pytest.mark.parametrize("name", ["threshold", "smartspec", "adaspec", "adaspec-drafter", "adaspec-noslo",
                                   "adaspec-always", "adaspec-everystep", "adaspec-late",
-                                  "adaspec-uniform"])
+                                  "adaspec-uniform", "adaspec-ragged"])
 def test_every_policy_is_lossless(tiny_pair, reference, name):
     pol = make_policy(name, 6, CostModel.linear(**CHEAP_DRAFT))
     spec = make_llm(tiny_pair, pol, slo_tpot_ms=50.0)
@@ -732,6 +732,7 @@ def test_drafter_stops_requests_on_their_own(tiny_pair, reference):
                             verify_per_token=0.05 * MS, padded=False)
     policy = make_policy("adaspec-drafter", 6, cost)
     policy.tpot_weighted = False
+    policy.uniform_from = None  # per-request plans at this batch size too (PROMPTS are 8)
     spec = make_llm(tiny_pair, policy)
     assert [o.token_ids for o in spec.generate(PROMPTS, greedy())] == reference
     recs = [r for r in spec.engine.telemetry if r.kind == "decode"]
@@ -949,18 +950,20 @@ def test_uniform_variant_gives_every_request_the_plans_depth():
     assert drive(pol, BatchView([request("a"), request("b")], 8)) == ([0, 0], [0, 0], [0, 0])
 
 
-def test_hybrid_variant_plans_per_request_below_its_batch_size_and_uniform_from_it():
-    """`adaspec-hybrid`: below `uniform_from` requests draft by confidence, as `adaspec`; from it on
-    every request that may draft gets the plan's depth, drafted without questions."""
+def test_adaspec_plans_per_request_below_its_batch_size_and_uniform_from_it():
+    """`adaspec`: below `uniform_from` requests draft by confidence (as `adaspec-ragged` at every
+    batch size); from it on every request that may draft gets the plan's depth, drafted without
+    questions."""
     cost = CostModel.linear(draft_step=0.5 * MS, draft_per_row=0.5 * MS, verify_step=10 * MS,
                             verify_per_token=1 * MS, padded=False)
     rates = {"sure": 0.9, "unsure": 0.2, "short": 0.9}
     small = BatchView([request("sure"), request("unsure"), request("short", cap=2)], 8)
-    pol = adaspec(cost, rates, "adaspec-hybrid")
+    pol = adaspec(cost, rates)
+    assert pol.uniform_from == 8 and AdaSpecPolicy.variant("adaspec-ragged").uniform_from is None
     pol.uniform_from = 4
     planned, _, _ = drive(pol, small, lambda i, j: 0.02 if j == 1 else 0.9)
     assert planned[0] > planned[1]  # the confident request drafts longer (as `adaspec` would)
-    pol = adaspec(cost, rates, "adaspec-hybrid")
+    pol = adaspec(cost, rates)
     pol.uniform_from = 3
     batch = BatchView([request("sure"), request("unsure"), request("short", cap=2)], 8)
     planned, drafted, verified = drive(pol, batch, lambda i, j: 0.02 if j == 1 else 0.9)

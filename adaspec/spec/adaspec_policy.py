@@ -30,7 +30,8 @@ by the batch's mean time per token instead of its tokens per second), `adaspec-s
 with each request weighted by its rate so far (`_choose`), `adaspec-late` with
 `late_weighted=True` (only requests behind their SLO weighted, `efficiency.late_weighted`; on the
 conversation trace in session 10 it cut the P99 TPOT but not the mean, docs/trace_replay.md), and
-`adaspec-hybrid` plans as `adaspec` below UNIFORM_FROM requests and as `adaspec-uniform` from it on.
+`adaspec-ragged` plans per request at every batch size (`adaspec` until session 16; `adaspec` now
+plans as `adaspec-uniform` from UNIFORM_FROM requests on, see there).
 
 keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on by default) a
 speculating step runs them only where, at this batch size, their measured cost has been below the
@@ -66,10 +67,13 @@ from adaspec.spec.policy import BatchView, StepOutcome, fit_limits
 from adaspec.spec.replan import SLO_HEADROOM, ReplanSchedule
 
 STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft + bonus token)
-# adaspec-hybrid plans as adaspec-uniform from this batch size on: at c=16 in the closed loop the
-# per-request plan expected 1.3% more than depth 3 for all and its decisions cost ~4.6% of the step
-# (docs/policies.md, session 16); at batch 1-4 per-request lengths were level with or ahead of one
-# depth for all (sessions 9 and 14).
+# From this batch size on adaspec plans as adaspec-uniform (one depth for every request that may
+# draft, drafted without per-token questions). At c=16 in the closed loop the per-request plan
+# expected 1.3% more than depth 3 for all and its decisions cost ~4.6% of the step; side by side
+# (session 16, as `adaspec-hybrid`) this was 3-5% faster than per-request plans at c=16-32 and on
+# the traces' x4 levels 11% (code) and 4% (conversation), level at x2 (docs/policies.md,
+# docs/trace_replay.md). Below it per-request lengths were level with or ahead of one depth for
+# all (sessions 9 and 14). `adaspec-ragged` keeps per-request plans at every batch size.
 UNIFORM_FROM = 8
 
 class AdaSpecPolicy(ControlledPolicy):
@@ -77,11 +81,12 @@ class AdaSpecPolicy(ControlledPolicy):
     needs_cost_model = True
     VARIANTS = {"adaspec": {}, "adaspec-noslo": {"slo_aware": False},
                 "adaspec-drafter": {"verifier": False, "slo_aware": False},
-                "adaspec-always": {"cost_aware_adaptation": False}, "adaspec-tpot": {"tpot_weighted": True},
+                "adaspec-always": {"cost_aware_adaptation": False, "uniform_from": None},
+                "adaspec-tpot": {"tpot_weighted": True},
                 "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False},
                 "adaspec-late": {"late_weighted": True}, "adaspec-uniformreuse": {"reuse_ragged": False},
                 "adaspec-uniform": {"uniform": True}, "adaspec-steady": {"mean_tpot": True, "steady": True},
-                "adaspec-hybrid": {"uniform_from": UNIFORM_FROM}}
+                "adaspec-ragged": {"uniform_from": None}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
@@ -89,7 +94,7 @@ class AdaSpecPolicy(ControlledPolicy):
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
                  plan_prior_weight: float | None = None, reuse_plans: bool = True,
                  late_weighted: bool = False, reuse_ragged: bool = True, uniform: bool = False,
-                 steady: bool = False, uniform_from: int | None = None):
+                 steady: bool = False, uniform_from: int | None = UNIFORM_FROM):
         if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
             acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
