@@ -443,3 +443,31 @@ def test_cost_replay_prices_telemetry_prequentially(tmp_path):
     fit = res["outside_fit_ms"]  # the records' outside time: 0.2 + 0.2 b + 0.1 forwards + 0.02 drafted
     assert [fit[k] for k in ("const", "batch", "draft_forwards", "drafted_tokens")] == pytest.approx(
         [0.2, 0.2, 0.1, 0.02], abs=1e-6)
+
+
+def test_telemetry_totals_adds_up_a_runs_time_and_tokens(tmp_path):
+    from conftest import load_benchmark
+
+    mod = load_benchmark("telemetry_totals")
+
+    def rec(kind, start, step, batch, drafted=0, accepted=0, draft=0.0, verify=0.0):
+        return {"kind": kind, "start": start, "step_time": step,
+                "request_ids": [f"r{i}" for i in range(batch)], "drafted": [drafted] * batch,
+                "accepted": [accepted] * batch, "draft_time": draft,
+                "verify_time": verify}
+
+    recs = [rec("prefill", 0.0, 0.010, 2), rec("decode", 0.011, 0.020, 2, 3, 2, 0.006, 0.012),
+            rec("decode", 0.033, 0.010, 1, 0, 0, 0.0, 0.008)]
+    t = mod.totals(recs)
+    assert t["span_s"] == pytest.approx(0.043) and t["decode_s"] == pytest.approx(0.030)
+    assert t["prefill_s"] == pytest.approx(0.010) and t["gaps_s"] == pytest.approx(0.003)
+    assert t["outside_s"] == pytest.approx(0.004)
+    assert t["tokens"] == 7 and t["row_steps"] == 3 and t["drafted"] == 6
+    assert t["tokens_per_ms"] == pytest.approx(7 / 30) and t["acceptance"] == pytest.approx(4 / 6)
+    assert t["time_weighted_batch"] == pytest.approx((0.020 * 2 + 0.010) / 0.030)
+    d = mod.by_depth(recs, min_batch=2)
+    assert list(d) == [3] and d[3]["step_ms"] == pytest.approx(20) and d[3]["outside_ms"] == pytest.approx(2)
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    assert mod.main([str(path), "--min-batch", "1", "--out", str(tmp_path / "o")]) == 0
+    assert set(json.loads((tmp_path / "o.json").read_text())[str(path)]["by_depth"]) == {"0", "3"}

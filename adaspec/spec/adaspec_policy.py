@@ -115,8 +115,9 @@ class AdaSpecPolicy(ControlledPolicy):
         # None: plan every step; else a uniform decision may serve the next steps (`replan.py`)
         self.replan = ReplanSchedule() if reuse_plans else None
         self.reuse_ragged = reuse_ragged  # False: reuse only decisions that treat every request alike
-        self.uniform = uniform  # True: one depth for all that may draft, drafted without questions
-        self.uniform_from = uniform_from  # ... at batches of this size and larger (None: never)
+        # one depth for all that may draft, drafted without questions, at batches of this size and
+        # larger (None: never; uniform=True: always, adaspec-uniform)
+        self.uniform_from = 1 if uniform else uniform_from
         self._adapting = True  # this step runs keep_drafting and prune
         self._fixed: list[int] | None = None  # the plan's fixed depths, when it speculates
         self._gain: float | None = None
@@ -126,6 +127,11 @@ class AdaSpecPolicy(ControlledPolicy):
         self._forwards: tuple = (None, [], [])  # (batch, drafted, predicted time of each draft forward)
         self._slo: SLOState | None = None
         self._unseen: list[list[float]] = []  # look-ahead acceptance per request and position
+
+    @property
+    def uniform(self) -> bool:
+        """One depth for all at every batch size (`adaspec-uniform`)."""
+        return self.uniform_from == 1
 
     @classmethod
     def variant(cls, name: str, cost_model: CostModel | None = None) -> AdaSpecPolicy:
@@ -254,7 +260,7 @@ class AdaSpecPolicy(ControlledPolicy):
             self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
             [ranked[i][:reqs[i].max_draft] for i in cont],
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
-        uniform = self.uniform or (self.uniform_from is not None and n >= self.uniform_from)
+        uniform = self.uniform_from is not None and n >= self.uniform_from
         choice, checks = self._choose(T, E, tokens_of, uniform=uniform)
         h, m = divmod(choice, T.shape[1])
         if h and m:

@@ -497,9 +497,12 @@ class CostModel:
                                              max(shape.drafted, default=0))
             verify = verify * self.verify_scale.at(forward[1])
         else:
-            draft = base
-            overhead = self.base_overhead_per_row * (1 + len(shape.contexts) + sum(shape.drafted))
+            draft, overhead = base, self._base_overhead(shape)
         return StepTime(float(draft), float(verify), float(overhead))
+
+    def _base_overhead(self, shape: StepShape) -> float:
+        """The start-up profile's time outside the forwards: a rate per row of (1 + batch + drafts)."""
+        return self.base_overhead_per_row * (1 + len(shape.contexts) + sum(shape.drafted))
 
     # ------------------------------------------------------------------------------ online fit
 
@@ -510,7 +513,7 @@ class CostModel:
         forward = self.verify_forward(shape)
         verify_base, width = self.verify.predict(*forward), forward[1]
         rows, forwards = 1 + len(shape.contexts), max(shape.drafted, default=0)
-        base_total = draft_base + verify_base + self.base_overhead_per_row * (rows + sum(shape.drafted))
+        base_total = draft_base + verify_base + self._base_overhead(shape)
         ours = StepTime(float(draft), float(verify_base * self.verify_scale.at(width)),
                         self.predict_overhead(rows - 1, 0, forwards))  # = predict(shape), not predicted twice
         self._errors.append((step_time, ours.total, float(base_total)))
