@@ -52,6 +52,9 @@ class KnownAcceptance(AcceptanceModel):
     def needs_evidence(self, q):
         return False  # known in closed form: nothing to explore
 
+    def unexplored_position(self, positions):
+        return None
+
 
 def request(rid, context=20, cap=8, **kw):
     kw.setdefault("output_tokens", 5)
@@ -437,6 +440,7 @@ def test_verifier_explores_where_calibration_lacks_evidence():
     pol = AdaSpecPolicy.variant("adaspec-noslo", cost)
     pol.acceptance = AcceptanceModel(min_evidence=8)
     pol.acceptance.unseen_prior = 0.99  # the look-ahead is optimistic: the plan drafts
+    pol.acceptance.unexplored_position = lambda positions: None  # about the bins' evidence, not positions'
     first = drive(pol, BatchView([request("a"), request("b")], 8), lambda i, j: 0.05)
     assert first[2] == [1, 1]  # nothing known about q ~ 0.05 yet: verify one token each
     for k in range(8):  # the outcomes: such tokens are rejected
@@ -1002,3 +1006,37 @@ def test_lookahead_follows_a_requests_recent_steps():
     assert decayed < plain - 0.1
     rate = models[1.0].request_rates["r"]
     assert (rate.accepted, rate.tested) == (60.0, 65.0)  # 20 x 3 accepted of 3; 5 x 0 of the 1 tested
+
+
+def test_look_ahead_positions_without_evidence_are_explored():
+    """Early rejections can leave a look-ahead position's global rate low on a handful of tests
+    (session 17, c=1: position 1 at 1 of 6). The plan then stops drafting before it, so it is never
+    verified again and the estimate stays wrong. Until a position has `min_evidence` verified
+    tokens, the plan's top-ranked request drafts past it; once it has them, the plan's own choice
+    stands, even if the evidence says the position is as bad as it looked."""
+    from adaspec.spec.acceptance import AcceptanceModel
+
+    acc = AcceptanceModel(min_evidence=20)
+    assert acc.unexplored_position(4) == 0  # nothing verified yet
+    for k in range(30):  # position 0: 18 of 30 accepted; position 1 tested 6 times, accepted once
+        acc.observe(f"w{k}", [0.6, 0.6], 1 if k < 12 else 0)
+        if k < 6:
+            acc.observe(f"v{k}", [0.6, 0.6], 2 if k == 0 else 1)
+    assert acc.unexplored_position(4) == 1 and acc.unexplored_position(1) is None
+    # a draft forward and a verified token cost 7 ms against a 20 ms step without speculation: with
+    # position 0 at ~0.5 and position 1 at ~0.15, no depth pays
+    cost = CostModel.linear(draft_step=2 * MS, verify_step=10 * MS, verify_per_token=5 * MS, padded=False)
+    pol = AdaSpecPolicy.variant("adaspec-noslo", cost)
+    pol.acceptance = acc
+    batch = BatchView([request("a", cap=2, output_tokens=10), request("b", cap=2, output_tokens=10)], 8)
+    planned, drafted, verified = drive(pol, batch, lambda i, j: 0.6)
+    phases = {p["phase"]: p for p in pol.log._current["phases"]}
+    assert phases["plan"]["choice"]["h"] == 0  # the plan's own choice: no speculation
+    assert phases["explore"]["depth"] == 2 and sorted(verified) == [0, 2]  # one request probes position 1
+    assert pol.replan.reusable(["a", "b"]) is None  # the next step plans (and explores) again
+    for k in range(20):  # position 1 now has its evidence, and it is bad
+        acc.observe(f"u{k}", [0.6, 0.6], 1)
+    assert acc.unexplored_position(2) is None
+    batch = BatchView([request("c", cap=2, output_tokens=10), request("d", cap=2, output_tokens=10)], 8)
+    assert max(drive(pol, batch, lambda i, j: 0.6)[1]) <= 1  # never past position 0
+    assert "explore" not in {p["phase"] for p in pol.log._current["phases"]}

@@ -263,6 +263,9 @@ class AdaSpecPolicy(ControlledPolicy):
         uniform = self.uniform_from is not None and n >= self.uniform_from
         choice, checks = self._choose(T, E, tokens_of, uniform=uniform)
         h, m = divmod(choice, T.shape[1])
+        probe = self._probe(reqs, order, h if m else 0, K)
+        if probe is not None:
+            return self._explore(batch, order, m, h, probe, T, E, checks, started)
         if h and m:
             fixed = [0] * n
             for i in order[:m]:
@@ -286,6 +289,36 @@ class AdaSpecPolicy(ControlledPolicy):
             self._schedule(batch, ranked, last_in, h if m else 0, checks.get(choice, 1.0),
                            self.clock() - started, float(T[h, m]))
         return self._planned
+
+    def _probe(self, reqs, order: list[int], depth: int, K: int) -> int | None:
+        """The depth the top-ranked request must draft to test the shallowest look-ahead position
+        with too little evidence (`AcceptanceModel.unexplored_position`), if deeper than the plan's
+        `depth` for it; None when nothing needs exploring. Without it, early rejections can hold
+        the global rate of a position low for good: the plan stops drafting before it, so it is
+        never verified again (session 17, c=1: ~240 steps of at most one draft)."""
+        j = self.acceptance.unexplored_position(K)
+        if j is None or not order:
+            return None
+        want = min(j + 1, reqs[order[0]].max_draft)
+        return want if want > depth else None
+
+    def _explore(self, batch: BatchView, order: list[int], m: int, h: int, probe: int, T, E, checks,
+                 started: float) -> list[int]:
+        """The plan's choice, except that its top-ranked request drafts `probe` tokens; fixed mode
+        (no per-token questions, no pruning, which would drop the probe), and not reused: the next
+        step plans again and explores until the position has its evidence."""
+        reqs = batch.requests
+        fixed = [0] * len(reqs)
+        for i in order[:m]:
+            fixed[i] = h
+        fixed[order[0]] = probe  # the plan's top-ranked request: the likeliest to reach the position
+        self._fixed = self._planned = fit_limits(batch, fixed)
+        self._adapting = False
+        self._record("plan", T, E, checks, (h, m))
+        self.log.add("explore", [], "probe", request=reqs[order[0]].request_id, depth=probe)
+        if self.replan is not None:
+            self.replan.planned(None, len(reqs), None, self.clock() - started, float(T[h, m]))
+        return list(self._planned)
 
     def _schedule(self, batch: BatchView, ranked, last_in: int | None, h: int, margin: float,
                   plan_time: float, step_time: float) -> None:
