@@ -657,6 +657,27 @@ def test_rank_weight_is_learned_from_the_lookaheads_errors():
     assert differ.report()["rank_weight"] == differ.rank_weight()
 
 
+def test_sum_weight_is_learned_from_the_lookaheads_bias():
+    """Drafts accepted all or none (stretches of easy and hard text), requests that differ: the
+    lightest shrinkage ranks them best, but a request's rate applied at every position over-predicts
+    what deep drafts sum to (positions past an accepted one accept always here); the heaviest,
+    nearer the global rates by position, sums closest. Until enough request-steps are scored, the
+    model's own weight."""
+    import random
+
+    rng = random.Random(0)
+    model = AcceptanceModel(rank_weights=RANK_WEIGHTS)
+    assert model.sum_weight() == model.unseen_prior_weight
+    easy = [0.9] * 4 + [0.3] * 4
+    for t in range(600):
+        ids = [f"{i}-{(t + 3 * i) // 30}" for i in range(len(easy))]
+        model.forget_except(ids)
+        model.observe_step(ids, [[0.5] * 4 for _ in easy], [4 if rng.random() < e else 0 for e in easy])
+    assert model.rank_weight() == min(RANK_WEIGHTS) and model.sum_weight() == max(RANK_WEIGHTS)
+    assert 0 < model.rank_bias[-1] < model.rank_bias[0]  # both over-predict, the heaviest least
+    assert model.report()["sum_weight"] == max(RANK_WEIGHTS)
+
+
 def test_plan_ranks_with_the_learned_weight():
     """The plan's look-ahead uses `rank_weight` unless the policy fixes one."""
     seen = []
@@ -672,6 +693,12 @@ def test_plan_ranks_with_the_learned_weight():
     batch = lambda: BatchView([request(r) for r in "abcd"], 8)  # noqa: E731
     AdaSpecPolicy(cost, acceptance=model).plan(batch())
     assert 16.0 in seen
+    seen.clear()
+    model.rank_bias = np.array([-3.0, -2.0, 1.5, -0.5])  # 32 has summed closest: it prices the depths
+    pol = AdaSpecPolicy(cost, acceptance=model)
+    pol.plan(batch())
+    assert seen == [32.0, 16.0]
+    assert pol._unseen == model.unseen_table([r for r in "abcd"], 9, 32.0)
     seen.clear()
     AdaSpecPolicy(cost, acceptance=model, plan_prior_weight=8.0).plan(batch())
     assert 8.0 in seen and 16.0 not in seen

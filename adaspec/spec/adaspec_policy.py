@@ -245,12 +245,13 @@ class AdaSpecPolicy(ControlledPolicy):
         self._rates = None if rel_tpot is None else [1.0 / w for w in rel_tpot]
         self._planned = [0] * len(reqs)
         K = max((r.max_draft for r in reqs), default=0)
-        # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K); the
-        # plan's own, which ranks the requests, with the prior weight that has erred least
-        self._unseen = self.acceptance.unseen_table(ids, K + 1)
+        # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K), with
+        # the prior weight whose sums have been least biased (they price every depth); the requests
+        # are ranked with the weight that has erred least (`AcceptanceModel.sum_weight`)
         w = self.plan_prior_weight or self.acceptance.rank_weight()
-        ranked = (self._unseen if w == self.acceptance.unseen_prior_weight
-                  else self.acceptance.unseen_table(ids, K, w))
+        ws = self.plan_prior_weight or self.acceptance.sum_weight()
+        self._unseen = self.acceptance.unseen_table(ids, K + 1, ws)
+        ranked = self._unseen if w == ws else self.acceptance.unseen_table(ids, K, w)
         cont = [i for i, r in enumerate(reqs) if r.max_draft > 0]
         if not cont:
             self.log.add("plan", [], "no request may draft")
@@ -258,8 +259,9 @@ class AdaSpecPolicy(ControlledPolicy):
         n = len(reqs)
         T, E, order, tokens_of = continuation_grid(
             self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
-            [ranked[i][:reqs[i].max_draft] for i in cont],
-            [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights)
+            [self._unseen[i][:reqs[i].max_draft] for i in cont],
+            [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights,
+            [ranked[i][0] for i in cont])
         uniform = self.uniform_from is not None and n >= self.uniform_from
         choice, checks = self._choose(T, E, tokens_of, uniform=uniform)
         h, m = divmod(choice, T.shape[1])

@@ -353,7 +353,8 @@ SMALL_PRUNE = 24  # draft positions up to which `prune_sequence` runs in plain P
 
 def continuation_grid(cm: CostModel, contexts: list[int], drafted: list[int], base_tokens: list[float],
                       prefix: list[float], cont: list[int], future: list[list[float]],
-                      first_width: list[int], sunk: float, weights: list[float] | None = None):
+                      first_width: list[int], sunk: float, weights: list[float] | None = None,
+                      rank_by: list[float] | None = None):
     """Evaluate "the top m requests of `cont` draft up to h more tokens" for every h and m.
 
     Per request (all B): contexts, drafted so far, base_tokens (expected tokens from its drafts),
@@ -361,7 +362,8 @@ def continuation_grid(cm: CostModel, contexts: list[int], drafted: list[int], ba
     conditional acceptances of the tokens it may still draft (its length is the horizon), and
     first_width[k], its tokens in the next draft forward (its lag at plan time, else 1). sunk: draft
     time already spent. weights: what a token of each request is worth (see `weighted`; None: 1).
-    Requests join in order of the (weighted) value of their next token.
+    Requests join in order of the (weighted) value of their next token, its acceptance taken from
+    rank_by[k] where given (a look-ahead that ranks better than `future`, which sums better).
 
     Small grids (every draft step at small batches) run cell by cell in plain Python, large ones as
     whole-grid numpy; both accumulate every sum in the same order, so they give identical values.
@@ -369,7 +371,8 @@ def continuation_grid(cm: CostModel, contexts: list[int], drafted: list[int], ba
     now"), the ranked requests, and tokens_of(flat cell index) for the SLO check."""
     M, H = len(cont), max(len(f) for f in future)
     w = weights or [1.0] * len(contexts)
-    rank = sorted(range(M), key=lambda k: -w[cont[k]] * prefix[cont[k]] * future[k][0])
+    first = [f[0] for f in future] if rank_by is None else rank_by
+    rank = sorted(range(M), key=lambda k: -w[cont[k]] * prefix[cont[k]] * first[k])
     order = [cont[k] for k in rank]
     horizons, widths = [len(future[k]) for k in rank], [first_width[k] for k in rank]
     if M * H <= SMALL_GRID:
