@@ -471,3 +471,31 @@ def test_telemetry_totals_adds_up_a_runs_time_and_tokens(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in recs))
     assert mod.main([str(path), "--min-batch", "1", "--out", str(tmp_path / "o")]) == 0
     assert set(json.loads((tmp_path / "o.json").read_text())[str(path)]["by_depth"]) == {"0", "3"}
+
+
+def test_lookahead_bias_counts_what_each_depth_accepted(tmp_path):
+    """Static telemetry: what the first n of k drafts accepted is min(accepted, n). Drafts accepted
+    all or none, half the time: a request's rate per tested position is 0.8 (4 of 5), its first
+    position's 0.5, so the look-ahead over-predicts the first draft, less so the heavier its
+    shrinkage to the global rate by position."""
+    import random
+
+    from conftest import load_benchmark
+
+    mod = load_benchmark("lookahead_bias")
+    rng = random.Random(0)
+    recs = []
+    for t in range(300):
+        ids = [f"r{i}-{t // 25}" for i in range(4)]
+        acc = [4 if rng.random() < 0.5 else 0 for _ in ids]
+        recs.append({"kind": "decode", "request_ids": ids, "confidences": [[0.5] * 4] * 4, "accepted": acc})
+    recs.insert(0, {"kind": "prefill", "request_ids": ["x"], "confidences": [[]], "accepted": [0]})
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    out = mod.bias_by_depth(str(path), 4.0)
+    assert list(out) == [1, 2, 3, 4] and all(row["request_steps"] == 1200 for row in out.values())
+    share = sum(a == 4 for r in recs[1:] for a in r["accepted"]) / 1200
+    assert [out[n]["accepted"] for n in (1, 2, 3, 4)] == pytest.approx([share * n for n in (1, 2, 3, 4)])
+    assert all(row["ratio"] == pytest.approx(row["accepted"] / row["predicted"]) for row in out.values())
+    assert out[1]["ratio"] < 0.8 < mod.bias_by_depth(str(path), 32.0)[1]["ratio"] < 1
+    assert mod.main([str(path), "--weights", "4"]) == 0

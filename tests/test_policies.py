@@ -19,7 +19,7 @@ from adaspec.spec.acceptance import (
     measure_calibration,
     outcomes_from_telemetry,
 )
-from adaspec.spec.adaspec_policy import AdaSpecPolicy
+from adaspec.spec.adaspec_policy import UNIFORM_FROM, AdaSpecPolicy
 from adaspec.spec.baselines import SmartSpecPolicy, ThresholdPolicy
 from adaspec.spec.cost_model import CostModel, StepShape
 from adaspec.spec.policy import (
@@ -694,11 +694,15 @@ def test_plan_ranks_with_the_learned_weight():
     AdaSpecPolicy(cost, acceptance=model).plan(batch())
     assert 16.0 in seen
     seen.clear()
-    model.rank_bias = np.array([-3.0, -2.0, 1.5, -0.5])  # 32 has summed closest: it prices the depths
+    model.rank_bias = np.array([-3.0, -2.0, 1.5, -0.5])  # 32 has summed closest
+    AdaSpecPolicy(cost, acceptance=model).plan(batch())
+    assert seen == [None, 16.0]  # per-request plans: priced and ranked with the rank weight
+    seen.clear()
+    ids = [f"r{k}" for k in range(UNIFORM_FROM)]
     pol = AdaSpecPolicy(cost, acceptance=model)
-    pol.plan(batch())
-    assert seen == [32.0, 16.0]
-    assert pol._unseen == model.unseen_table([r for r in "abcd"], 9, 32.0)
+    pol.plan(BatchView([request(r) for r in ids], 8))
+    assert seen == [32.0, 16.0]  # one depth for all: priced with the sum weight, ranked as before
+    assert pol._unseen == model.unseen_table(ids, 9, 32.0)
     seen.clear()
     AdaSpecPolicy(cost, acceptance=model, plan_prior_weight=8.0).plan(batch())
     assert 8.0 in seen and 16.0 not in seen

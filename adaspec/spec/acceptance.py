@@ -306,13 +306,14 @@ class AcceptanceModel:
         signed error over the scored request-steps; `unseen_prior_weight` until RANK_MIN_SCORED).
 
         Why apart from `rank_weight`: the plan ranks requests by their look-ahead, where a weight
-        that tells requests apart best (least squared error) serves, but it chooses the depth by the
-        batch's expected tokens, a sum, where only the bias counts. Acceptance comes in stretches,
-        so a request's recent rate, applied at every position, under-predicts deep drafts (the
-        positions past a few accepted ones accept more often), the more the less it is shrunk to
-        the global rates: replayed on static:8 telemetry at c=4-16 (session 17), weight 4 predicted
-        2.6% fewer tokens than were accepted for 1 draft and 8.7% fewer for 8, weight 32 within
-        1.2% at every depth; squared error favoured the lighter weights."""
+        that tells requests apart best (least squared error) serves, but one depth for all (adaspec
+        from `UNIFORM_FROM` requests on) is chosen by the batch's expected tokens, a sum, where only
+        the bias counts. Acceptance comes in stretches, so a request's recent rate, applied at
+        every position, under-predicts deep drafts (the positions past a few accepted ones accept
+        more often), the more the less it is shrunk to the global rates: replayed on static:8
+        telemetry at c=4-16 (session 17, `benchmarks/lookahead_bias.py`), weight 4 predicted 2.6%
+        fewer tokens than were accepted for 1 draft and 8.7% fewer for 8, weight 32 within 1.2% at
+        every depth; squared error favoured the lighter weights (4 in that session's closed loops)."""
         if self.rank_scored < RANK_MIN_SCORED or not self.rank_weights:
             return self.unseen_prior_weight
         return self.rank_weights[int(np.argmin(np.abs(self.rank_bias)))]

@@ -245,24 +245,28 @@ class AdaSpecPolicy(ControlledPolicy):
         self._rates = None if rel_tpot is None else [1.0 / w for w in rel_tpot]
         self._planned = [0] * len(reqs)
         K = max((r.max_draft for r in reqs), default=0)
-        # look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K), with
-        # the prior weight whose sums have been least biased (they price every depth); the requests
-        # are ranked with the weight that has erred least (`AcceptanceModel.sum_weight`)
+        n = len(reqs)
+        uniform = self.uniform_from is not None and n >= self.uniform_from
+        # Look-ahead acceptances, fixed for the step (+1: keep_drafting may read one past K). The
+        # requests are ranked with the prior weight that has erred least (`rank_weight`), and
+        # per-request plans are priced with it too: each request's depth rests on its own
+        # prediction. One depth for all rests on the batch's sum: priced with the weight whose sums
+        # have been least biased (`AcceptanceModel.sum_weight`).
         w = self.plan_prior_weight or self.acceptance.rank_weight()
-        ws = self.plan_prior_weight or self.acceptance.sum_weight()
-        self._unseen = self.acceptance.unseen_table(ids, K + 1, ws)
-        ranked = self._unseen if w == ws else self.acceptance.unseen_table(ids, K, w)
+        wp = (self.plan_prior_weight or self.acceptance.sum_weight()) if uniform else None
+        self._unseen = self.acceptance.unseen_table(ids, K + 1, wp)
+        ranked = (self._unseen if w == (wp or self.acceptance.unseen_prior_weight)
+                  else self.acceptance.unseen_table(ids, K, w))
+        priced = self._unseen if uniform else ranked
         cont = [i for i, r in enumerate(reqs) if r.max_draft > 0]
         if not cont:
             self.log.add("plan", [], "no request may draft")
             return self._planned
-        n = len(reqs)
         T, E, order, tokens_of = continuation_grid(
             self.costs, [r.context_len for r in reqs], [0] * n, [1.0] * n, [1.0] * n, cont,
-            [self._unseen[i][:reqs[i].max_draft] for i in cont],
+            [priced[i][:reqs[i].max_draft] for i in cont],
             [min(reqs[i].draft_lag, STEADY_LAG) for i in cont], 0.0, self._weights,
             [ranked[i][0] for i in cont])
-        uniform = self.uniform_from is not None and n >= self.uniform_from
         choice, checks = self._choose(T, E, tokens_of, uniform=uniform)
         h, m = divmod(choice, T.shape[1])
         probe = self._probe(reqs, order, h if m else 0, K)

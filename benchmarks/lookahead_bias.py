@@ -1,0 +1,72 @@
+"""Does the look-ahead's sum of expected tokens run low or high, by how many drafts it sums over?
+
+    python benchmarks/policies_closed_loop.py --policies static:5,static:8 --concurrency 4,16 \\
+        --repeats 1 --export-telemetry runs/stel --out runs/stel
+    python benchmarks/lookahead_bias.py runs/stel/static_8.jsonl --weights 4,8,16,32,64
+
+Telemetry of a static policy (every request verifies the same k drafts, so what any n <= k of them
+would have accepted is known: min(accepted, n)), replayed prequentially through a fresh
+`AcceptanceModel` per prior weight: before each step is learned, each request's look-ahead
+(`unseen_table` at that weight, what the plan sums) predicts the tokens its first n drafts will have
+accepted, for every n. Printed per file, weight and n: request-steps, predicted and accepted tokens
+per request-step, and accepted / predicted. The plan picks a depth from sums of these over the
+batch, so a ratio above 1 that grows with n pushes it to draft too little (session 17:
+`AcceptanceModel.sum_weight`). `benchmarks/lookahead_decay.py` scores the same predictions by
+squared error, the criterion of the ranking weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+
+from adaspec.spec.acceptance import AcceptanceModel
+
+
+def bias_by_depth(path: str, weight: float) -> dict[int, dict]:
+    """n -> request-steps, predicted and accepted tokens per request-step, their ratio."""
+    pred: dict[int, float] = defaultdict(float)
+    real: dict[int, float] = defaultdict(float)
+    count: Counter = Counter()
+    model = AcceptanceModel()
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["kind"] != "decode":
+                continue
+            ids, confs, acc = r["request_ids"], r["confidences"], r["accepted"]
+            model.forget_except(ids)  # as the policies do at each step
+            k = max((len(c) for c in confs), default=0)
+            if k:
+                for c, a, row in zip(confs, acc, model.unseen_table(ids, k, weight), strict=True):
+                    prefix, expected = 1.0, 0.0
+                    for n in range(1, len(c) + 1):
+                        prefix *= row[n - 1]
+                        expected += prefix
+                        pred[n] += expected
+                        real[n] += min(int(a), n)
+                        count[n] += 1
+            model.observe_step(ids, [list(x) for x in confs], list(acc))
+    return {n: {"request_steps": count[n], "predicted": pred[n] / count[n], "accepted": real[n] / count[n],
+                "ratio": real[n] / pred[n] if pred[n] else float("nan")} for n in sorted(count)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("telemetry", nargs="+")
+    ap.add_argument("--weights", default="4,8,16,32")
+    a = ap.parse_args(argv)
+    print("| telemetry | weight | n | request-steps | predicted | accepted | accepted / predicted |")
+    print("|---|---|---|---|---|---|---|")
+    for path in a.telemetry:
+        for w in (float(x) for x in a.weights.split(",")):
+            for n, row in bias_by_depth(path, w).items():
+                print(f"| {path} | {w:g} | {n} | {row['request_steps']} | {row['predicted']:.3f} | "
+                      f"{row['accepted']:.3f} | {row['ratio']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
