@@ -16,7 +16,10 @@ Per step (see `efficiency.py` for the model and the choice rule):
   stops when no request's next token is worth its cost.
 - prune (verifier): drop the globally least valuable draft positions, tails first, to the removal
   count with the best predicted efficiency, against the device's cost curve.
-Each of the three choices goes through `efficiency.choose` (the SLO-aware rule). With
+Each of the three choices goes through `efficiency.choose` (the SLO-aware rule). While a look-ahead
+position has too little evidence (`AcceptanceModel.unexplored_position`), the plan's top-ranked
+request drafts past it (`_probe`): a position the plan never drafts to is never verified, so an
+early pessimistic estimate would stand for good. With
 `tpot_weighted=True` a token counts at its request's worth for mean TPOT (`efficiency.weighted`: its
 TPOT so far, relative to the batch's). Off by default: side by side on Spec-Bench (session 5) it cut
 the P99 TPOT by 10-28% but not the mean (docs/policies.md).
