@@ -18,11 +18,10 @@ squared error, the criterion of the ranking weight.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter, defaultdict
 
-from adaspec.spec.acceptance import AcceptanceModel
+from adaspec.spec.acceptance import AcceptanceModel, prequential, steps_from_jsonl
 
 
 def bias_by_depth(path: str, weight: float) -> dict[int, dict]:
@@ -31,24 +30,18 @@ def bias_by_depth(path: str, weight: float) -> dict[int, dict]:
     real: dict[int, float] = defaultdict(float)
     count: Counter = Counter()
     model = AcceptanceModel()
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["kind"] != "decode":
-                continue
-            ids, confs, acc = r["request_ids"], r["confidences"], r["accepted"]
-            model.forget_except(ids)  # as the policies do at each step
-            k = max((len(c) for c in confs), default=0)
-            if k:
-                for c, a, row in zip(confs, acc, model.unseen_table(ids, k, weight), strict=True):
-                    prefix, expected = 1.0, 0.0
-                    for n in range(1, len(c) + 1):
-                        prefix *= row[n - 1]
-                        expected += prefix
-                        pred[n] += expected
-                        real[n] += min(int(a), n)
-                        count[n] += 1
-            model.observe_step(ids, [list(x) for x in confs], list(acc))
+    for ids, confs, acc in prequential(steps_from_jsonl(path), model):
+        k = max((len(c) for c in confs), default=0)
+        if not k:
+            continue
+        for c, a, row in zip(confs, acc, model.unseen_table(ids, k, weight), strict=True):
+            prefix, expected = 1.0, 0.0
+            for n in range(1, len(c) + 1):
+                prefix *= row[n - 1]
+                expected += prefix
+                pred[n] += expected
+                real[n] += min(int(a), n)
+                count[n] += 1
     return {n: {"request_steps": count[n], "predicted": pred[n] / count[n], "accepted": real[n] / count[n],
                 "ratio": real[n] / pred[n] if pred[n] else float("nan")} for n in sorted(count)}
 

@@ -14,32 +14,24 @@ tokens. Session 14 chose 0.9 from this (`AcceptanceModel.request_decay`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from adaspec.spec.acceptance import AcceptanceModel
+from adaspec.spec.acceptance import AcceptanceModel, prequential, steps_from_jsonl
 
 
 def replay(path: str, model: AcceptanceModel, min_drafts: int = 3) -> dict:
     """Prequential look-ahead error over the file's decode steps."""
     se = bias = n = 0.0
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["kind"] != "decode":
+    for ids, confs, acc in prequential(steps_from_jsonl(path), model):
+        for rid, c, a in zip(ids, confs, acc, strict=True):
+            if len(c) < min_drafts:
                 continue
-            ids, confs, acc = r["request_ids"], r["confidences"], r["accepted"]
-            model.forget_except(ids)  # as the policies do at each step
-            for rid, c, a in zip(ids, confs, acc, strict=True):
-                if len(c) < min_drafts:
-                    continue
-                prefix, expected = 1.0, 0.0
-                for j in range(len(c)):
-                    prefix *= model.predict_unseen(rid, j)
-                    expected += prefix
-                err = expected - min(int(a), len(c))
-                se, bias, n = se + err * err, bias + err, n + 1
-            model.observe_step(ids, [list(x) for x in confs], list(acc))
+            prefix, expected = 1.0, 0.0
+            for j in range(len(c)):
+                prefix *= model.predict_unseen(rid, j)
+                expected += prefix
+            err = expected - min(int(a), len(c))
+            se, bias, n = se + err * err, bias + err, n + 1
     nan = float("nan")
     return {"request_steps": int(n), "mse": se / n if n else nan, "bias": bias / n if n else nan}
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -484,9 +484,7 @@ def lookahead_by_rank(steps: Iterable, model: AcceptanceModel | None = None, gro
     every step is predicted before it is learned."""
     model = model or AcceptanceModel()
     out = [{"group": g, "n": 0, "predicted": 0.0, "accepted": 0.0} for g in range(groups)]
-    for s in steps:
-        ids, confs = list(s.request_ids), [list(c) for c in s.confidences]
-        model.forget_except(ids)  # as the policies do at each step
+    for ids, confs, accepted in prequential(steps, model):
         if len(ids) >= min_batch and all(confs):
             w = model.unseen_prior_weight if weight is None else weight
             pred = model.lookahead_tokens(ids, [len(c) for c in confs], [w])[0].tolist()
@@ -494,11 +492,22 @@ def lookahead_by_rank(steps: Iterable, model: AcceptanceModel | None = None, gro
                 g = out[groups * rank // len(ids)]
                 g["n"] += 1
                 g["predicted"] += pred[i]
-                g["accepted"] += min(int(s.accepted[i]), len(confs[i]))
-        model.observe_step(ids, confs, list(s.accepted))
+                g["accepted"] += min(int(accepted[i]), len(confs[i]))
     return [{**g, "predicted": round(g["predicted"] / g["n"], 4),
              "accepted": round(g["accepted"] / g["n"], 4)}
             for g in out if g["n"]]
+
+
+def prequential(steps: Iterable, model: AcceptanceModel
+                 ) -> Iterator[tuple[list[str], list[list[float]], list[int]]]:
+    """Each step's (request ids, verified tokens' confidences, accepted counts) with `model` as it
+    stood before the step (the history of requests no longer running dropped, as the policies do at
+    each step); the step is learned after the caller has predicted it."""
+    for s in steps:
+        ids, confs, accepted = list(s.request_ids), [list(c) for c in s.confidences], list(s.accepted)
+        model.forget_except(ids)
+        yield ids, confs, accepted
+        model.observe_step(ids, confs, accepted)
 
 
 @dataclass
@@ -515,16 +524,21 @@ def outcomes_from_telemetry(records: Iterable) -> list[_TelemetryStep]:
             for rec in records if rec.kind == "decode"]
 
 
-def calibration_from_jsonl(path: str, weight: float | None = None, **model_kw) -> dict:
-    """Calibration report from a telemetry file written by `LLMEngine.export_telemetry`: the
-    per-token scores, and the look-ahead's calibration by rank (`lookahead_by_rank`, with prior
-    `weight`)."""
+def steps_from_jsonl(path: str) -> list[_TelemetryStep]:
+    """`outcomes_from_telemetry` of a telemetry file written by `LLMEngine.export_telemetry` (or a
+    benchmark's `--export-telemetry`)."""
     import json
     from types import SimpleNamespace
 
     with open(path) as f:
-        records = [SimpleNamespace(**json.loads(line)) for line in f if line.strip()]
-    steps = outcomes_from_telemetry(records)
+        return outcomes_from_telemetry(SimpleNamespace(**json.loads(line)) for line in f if line.strip())
+
+
+def calibration_from_jsonl(path: str, weight: float | None = None, **model_kw) -> dict:
+    """Calibration report from a telemetry file written by `LLMEngine.export_telemetry`: the
+    per-token scores, and the look-ahead's calibration by rank (`lookahead_by_rank`, with prior
+    `weight`)."""
+    steps = steps_from_jsonl(path)
     model_kw.setdefault("rank_weights", RANK_WEIGHTS)  # as measure_calibration's own default
     report = measure_calibration(steps, AcceptanceModel(**model_kw))
     report["lookahead_by_rank"] = lookahead_by_rank(steps, AcceptanceModel(**model_kw), weight=weight)
