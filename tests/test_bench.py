@@ -295,6 +295,42 @@ def test_repeats_pool_sweeps_and_rotate_policy_order(tmp_path):
         write([tmp_path / "nosweep"], tmp_path / "x")
 
 
+def test_host_speed_compares_the_same_prompts_across_runs():
+    """Each run's prefill times against every prompt's median over the runs: a run on a machine 30%
+    slower reads 1.3 whatever its prompt mix; too few prompts in common give None."""
+    from adaspec.bench.metrics import host_speed
+
+    base = {i: 0.01 * (1 + i % 7) for i in range(20)}  # prompts of different lengths
+    runs = {"a": dict(base), "b": {i: 1.3 * t for i, t in base.items()},
+            "c": {i: t for i, t in base.items() if i % 2},  # half the prompts (others were batched)
+            "d": {0: 0.01, 1: 0.02}}
+    h = host_speed(runs)
+    assert h["a"]["relative"] == pytest.approx(1.0) and h["a"]["prompts"] == 20
+    assert h["b"]["relative"] == pytest.approx(1.3) and h["c"]["relative"] == pytest.approx(1.0)
+    assert h["d"] is None
+
+
+def test_repeats_report_the_machine_speed_of_each_run(tmp_path):
+    """Pooled over the repeats' requests.jsonl: the runs whose prefills of the same prompts were slow
+    are named with their slowdown."""
+    from adaspec.bench.repeats import write
+
+    dirs = []
+    for k, slow in enumerate(("adaspec", "static:3")):
+        d = _fake_sweep(tmp_path / f"r{k + 1}", {"static:3": 18.0, "adaspec": 20.0})
+        rows = [{"policy": p, "level": 1.0, "index": i,
+                 "prefill_s": 0.01 * (1 + i % 5) * (1.2 if p == slow else 1)}
+                for p in ("static:3", "adaspec") for i in range(12)]
+        (d / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(d)
+    text = write(dirs, tmp_path / "out" / "repeats")
+    rows = {r["policy"]: r for r in json.loads((tmp_path / "out" / "repeats.json").read_text())}
+    # per prompt the median of (1, 1.2, 1, 1.2) is 1.1: the slow runs read 1.2 / 1.1, the others 1 / 1.1
+    assert rows["adaspec"]["machine speed"] == pytest.approx([1.2 / 1.1, 1 / 1.1])
+    assert rows["static:3"]["machine speed"] == pytest.approx([1 / 1.1, 1.2 / 1.1])
+    assert "| machine speed |" in text and "1.00 (0.91-1.09) |" in text
+
+
 def test_report_names_the_weights_it_measured(tmp_path):
     """Two checkpoints at one path are told apart by the weights' digest in the report's meta."""
     from adaspec.bench.report import model_info

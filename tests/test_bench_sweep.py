@@ -32,6 +32,17 @@ def test_sweep_two_policies_writes_report(tiny_pair, tmp_path):
     rows = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4  # policies x rate scales x requests (the 9 s arrival is cut)
     assert all(r["success"] and r["output_tokens"] == 6 for r in rows)
+    # each request's id is the server's, and the prompts prefilled alone carry that prefill's time
+    # from the server's telemetry (the report's machine-speed check)
+    telemetry = [json.loads(x) for x in (out / "telemetry-none.jsonl").read_text().splitlines()]
+    alone = {t["request_ids"][0]: t["verify_time"] for t in telemetry
+             if t["kind"] == "prefill" and t["batch_size"] == 1}
+    mine = [r for r in rows if r["policy"] == "none"]
+    assert all(r["request_id"].startswith("cmpl-") for r in rows) and alone
+    timed = {r["request_id"]: r["prefill_s"] for r in mine if r["request_id"] in alone}
+    assert timed and timed == {i: alone[i] for i in timed}  # alone also holds the warm-up's
+    assert all(r["prefill_s"] is None for r in mine if r["request_id"] not in alone)
+    assert all("host_speed" in r for r in json.loads((out / "summary.json").read_text())["runs"])
     summary = json.loads((out / "summary.json").read_text())
     meta, runs = summary["meta"], summary["runs"]
     assert [(r["policy"], r["level"]) for r in runs] == [("none", 0.5), ("none", 1.0), ("static:2", 0.5),

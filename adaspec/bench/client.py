@@ -78,6 +78,7 @@ async def send(client: httpx.AsyncClient, base_url: str, body: dict, res: Reques
                     break
                 msg = json.loads(data)
                 now = time.perf_counter() - start
+                res.request_id = res.request_id or msg.get("id")
                 if "error" in msg:
                     res.error = f"stream error: {msg['error'].get('message')}"
                     break

@@ -38,6 +38,10 @@ class RequestResult:
     spec_stats: dict | None = None
     server_slo: dict | None = None
     text: str = ""
+    request_id: str | None = None  # the server's completion id (its telemetry's request id)
+    # The server's target forward for this request's prompt when it was prefilled alone (from its
+    # telemetry): the same work under every policy, so it measures the machine (`host_speed`).
+    prefill_s: float | None = None
 
     @property
     def tpot(self) -> float | None:
@@ -171,6 +175,27 @@ def summarize(results: list[RequestResult], duration: float, ttft_slo_ms: float 
                         "mean": float(np.mean(lag)) * 1e3 if lag else None},
         "errors": sorted({r.error for r in results if r.error})[:5],
     }
+
+
+def host_speed(prefills: dict, min_common: int = 10) -> dict:
+    """How fast the machine ran during each run, from work every policy does alike: each run's median
+    over prompts of its prefill time / that prompt's median over all runs (`prefills`: run key ->
+    {request index: prefill seconds}; prompts timed in at least two runs). 1.25: the same prompts
+    took 25% longer than usual, so that run's latencies are inflated by a slow machine, not only by
+    its policy (session 18: one policy's prefills ran 25-40% slower than the others' in a sweep of
+    three). A run with fewer than `min_common` such prompts gets None."""
+    by_index: dict = {}
+    for times in prefills.values():
+        for i, t in times.items():
+            if t and t > 0:
+                by_index.setdefault(i, []).append(t)
+    ref = {i: float(np.median(v)) for i, v in by_index.items() if len(v) >= 2}
+    out = {}
+    for key, times in prefills.items():
+        ratios = [t / ref[i] for i, t in times.items() if i in ref and t and t > 0]
+        out[key] = ({"relative": float(np.median(ratios)), "prompts": len(ratios)}
+                    if len(ratios) >= min_common else None)
+    return out
 
 
 def timeline(results: list[RequestResult], duration: float, bin_s: float | None = None) -> dict:

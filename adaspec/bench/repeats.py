@@ -6,7 +6,9 @@ repeats is the machine. `adaspec bench sweep --repeats N` runs them with the pol
 land on the same policies every time) and writes this report next to them; `python
 benchmarks/trace_repeats.py DIRS...` pools any sweep folders. A policy is "best" on a metric at a
 level when its mean is, and the report says how far `adaspec` is from the best on each metric
-(the bench issue's 5% bar).
+(the bench issue's 5% bar). The machine-speed column (`metrics.host_speed`, pooled over the
+repeats) says how slow the machine was during each policy's runs, measured on work every policy does
+alike (prefilling the same prompts): a policy behind by less than its runs' slowdown may not be.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+
+from adaspec.bench.metrics import host_speed
 
 METRICS = [  # (label, getter, lower is better)
     ("mean TPOT (ms)", lambda r: r["tpot_ms"]["mean"], True),
@@ -35,14 +39,35 @@ def load(dirs: list[Path]) -> dict[tuple[float, str], list[dict]]:
     return runs
 
 
-def render(dirs: list[Path], runs: dict, policy: str = "adaspec") -> str:
+def host_speeds(dirs: list[Path]) -> dict[tuple[float, str], list[float]]:
+    """(level, policy) -> each repeat's `host_speed` pooled over all the repeats (every prompt's
+    prefill time against its median over every run of the level in every folder), from the folders'
+    requests.jsonl; a run without prefill times is left out."""
+    prefills: dict[float, dict] = {}
+    for k, d in enumerate(dirs):
+        f = d / "requests.jsonl"
+        for line in f.read_text().splitlines() if f.exists() else []:
+            row = json.loads(line)
+            if row.get("prefill_s"):
+                lv = float(row["level"])
+                run = prefills.setdefault(lv, {}).setdefault((row["policy"], k), {})
+                run[row["index"]] = row["prefill_s"]
+    out: dict[tuple[float, str], list[float]] = {}
+    for lv, per_run in prefills.items():
+        for (p, _), h in sorted(host_speed(per_run).items(), key=lambda kv: kv[0][1]):
+            if h:
+                out.setdefault((lv, p), []).append(h["relative"])
+    return out
+
+
+def render(dirs: list[Path], runs: dict, policy: str = "adaspec", speeds: dict | None = None) -> str:
     levels = sorted({lv for lv, _ in runs})
     lines = [f"Repeats: {', '.join(f'`{d}`' for d in dirs)} (values: mean over repeats, min-max).", ""]
     for lv in levels:
         pols = [p for (lev, p) in runs if lev == lv]
         lines += [f"## Level {lv:g}", "",
-                  "| policy | " + " | ".join(m for m, _, _ in METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
+                  "| policy | " + " | ".join(m for m, _, _ in METRICS) + " | machine speed |",
+                  "|---|" + "---|" * (len(METRICS) + 1)]
         means = {}
         for p in pols:
             cells = []
@@ -51,6 +76,9 @@ def render(dirs: list[Path], runs: dict, policy: str = "adaspec") -> str:
                 means[(p, label)] = statistics.fmean(vals)
                 cells.append(f"{statistics.fmean(vals):.2f} ({min(vals):.2f}-{max(vals):.2f})"
                              if len(vals) > 1 else f"{vals[0]:.2f}")
+            hs = (speeds or {}).get((lv, p))
+            cells.append(f"{statistics.fmean(hs):.2f} ({min(hs):.2f}-{max(hs):.2f})" if hs and len(hs) > 1
+                         else f"{hs[0]:.2f}" if hs else "-")
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines.append("")
         if policy in pols:
@@ -73,13 +101,14 @@ def rotated(policies: list[str], k: int) -> list[str]:
 
 def write(dirs: list[Path], out: Path) -> str:
     """Pool the sweeps in `dirs` into OUT.md and OUT.json; returns the Markdown."""
-    runs = load(dirs)
-    text = render(dirs, runs)
+    runs, speeds = load(dirs), host_speeds(dirs)
+    text = render(dirs, runs, speeds=speeds)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
     rows = []
     for (lv, p), rs in sorted(runs.items()):
         rows.append({"level": lv, "policy": p, "repeats": len(rs),
-                     **{label: [get(r) for r in rs] for label, get, _ in METRICS}})
+                     **{label: [get(r) for r in rs] for label, get, _ in METRICS},
+                     "machine speed": speeds.get((lv, p), [])})
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     return text

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import adaspec
+from adaspec.bench.metrics import host_speed
 
 
 def git_commit() -> str | None:
@@ -251,6 +252,15 @@ def markdown(meta: dict, runs: list[dict], plots: list[tuple[str, str]]) -> str:
             f"{g('spec.acceptance_rate', 3)} / {g('spec.acceptance_rate_per_request', 3)} | "
             f"{g('spec.acceptance_length', 2)} / {g('spec.acceptance_length_per_request', 2)} | "
             f"{g('spec.mean_spec_length', 2)} |")
+    speeds = [(r, r.get("host_speed")) for r in runs]
+    if any(h for _, h in speeds):
+        lines += ["", "Machine speed during each run (`host_speed`): the median over prompts of the "
+                  "server's prefill time for that prompt (prefilled alone, the same work under every "
+                  "policy) relative to its median over all runs of the level. Above ~1.1 the machine "
+                  "was slower during that run, which inflates its latencies whatever its policy.", "",
+                  "| policy | level | prefill time vs all runs | prompts compared |", "|---|---|---|---|"]
+        lines += [f"| {r['policy']} | {r['level']:g} | "
+                  + (f"{h['relative']:.3f} | {h['prompts']} |" if h else "- | - |") for r, h in speeds]
     if meta["failed_policies"]:
         lines += ["", "Policies whose server did not start: "
                   + "; ".join(f"`{p}`: {e}" for p, e in meta["failed_policies"].items())]
@@ -287,12 +297,18 @@ def write_report(sweep) -> Path:
     out = sweep.out
     meta = collect_meta(sweep)
     runs = sweep.runs
-    write_summary(out, meta, runs)
-    tpots = {}
+    tpots, prefills = {}, {}
     for line in (out / "requests.jsonl").read_text().splitlines():
         row = json.loads(line)
+        key = (row["policy"], row["level"])
         if row["tpot"] is not None:
-            tpots.setdefault((row["policy"], row["level"]), []).append(row["tpot"] * 1e3)
+            tpots.setdefault(key, []).append(row["tpot"] * 1e3)
+        if row.get("prefill_s"):
+            prefills.setdefault(row["level"], {}).setdefault(key, {})[row["index"]] = row["prefill_s"]
+    speed = {k: v for per_level in prefills.values() for k, v in host_speed(per_level).items()}
+    for r in runs:
+        r["host_speed"] = speed.get((r["policy"], r["level"]))
+    write_summary(out, meta, runs)
     plot_runs = [{**r, "_tpots": tpots.get((r["policy"], r["level"]), [])} for r in runs]
     plots = write_plots(plot_runs, meta, out) if runs else []
     path = out / "report.md"

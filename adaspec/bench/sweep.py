@@ -173,6 +173,19 @@ def server_series(scrape: list[dict]) -> dict:
     return {"t": t, "mean_spec_length": spec, "running": running}
 
 
+def prefill_times(telemetry: Path) -> dict[str, float]:
+    """Request id -> the target forward time of its prefill, for prompts prefilled alone (a batch of
+    one), from a server's `--save-telemetry` file; {} if there is none (a server that failed)."""
+    if not telemetry.exists():
+        return {}
+    out = {}
+    for line in telemetry.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("kind") == "prefill" and rec.get("batch_size") == 1 and rec.get("request_ids"):
+            out[rec["request_ids"][0]] = float(rec["verify_time"])
+    return out
+
+
 def load_tokenizer_for(cfg: SweepConfig):
     from adaspec.llm import DEFAULT_PAIR
     from adaspec.model import load_tokenizer
@@ -227,7 +240,9 @@ class Sweep:
                 tpot_slo_ms=self.slo_tpot_ms, tokenizer=self.tokenizer, max_prompt_tokens=c.max_prompt_tokens,
                 temperature=c.temperature, timeout=c.request_timeout, scrape=scrape, progress=tick))
 
-    def run_policy(self, policy: str, url: str) -> None:
+    def run_policy(self, policy: str, url: str, done: list | None = None) -> None:
+        """Warm up, then run every level; each level's (level, results) is appended to `done` (the
+        caller writes them with `record` once the server has saved its telemetry)."""
         c = self.cfg
         if c.warmup:
             warm = self._run(url, self.workload.requests[:c.warmup], "closed", 1,
@@ -236,27 +251,38 @@ class Sweep:
                 self.slo_tpot_ms = resolve_auto_slo(c.slo_tpot_ms, warm["results"])
                 self.slo_note = (f"(from {c.slo_tpot_ms}: the factor x the median TPOT of {c.warmup} "
                                  f"sequential warm-up requests under policy {policy})")
+        done = [] if done is None else done
+        for level in c.levels:
+            if c.mode == "open":
+                reqs, label = self.workload.at_rate_scale(level), f"{policy} rate x{level:g}"
+            else:
+                reqs, label = self.workload.requests, f"{policy} concurrency {int(level)}"
+            res = self._run(url, reqs, c.mode, int(level) if c.mode == "closed" else 1, label)
+            self.servers.setdefault(policy, res["server"])
+            s = summarize(res["results"], res["duration"], c.slo_ttft_ms, self.slo_tpot_ms)
+            s.update(policy=policy, level=level, mode=c.mode, server_policy=res["server"]["policy"],
+                     timeline=timeline(res["results"], res["duration"]),
+                     server_series=server_series(res["scrape"]))
+            self.runs.append(s)
+            done.append((level, res["results"]))
+
+    def record(self, policy: str, done: list, telemetry: Path | None) -> None:
+        """Append a policy's per-request results to requests.jsonl, each with its prefill time from
+        the server's telemetry (`RequestResult.prefill_s`; `host_speed` in the report)."""
+        prefill = prefill_times(telemetry) if telemetry else {}
         with (self.out / "requests.jsonl").open("a") as f:
-            for level in c.levels:
-                if c.mode == "open":
-                    reqs, label = self.workload.at_rate_scale(level), f"{policy} rate x{level:g}"
-                else:
-                    reqs, label = self.workload.requests, f"{policy} concurrency {int(level)}"
-                res = self._run(url, reqs, c.mode, int(level) if c.mode == "closed" else 1, label)
-                self.servers.setdefault(policy, res["server"])
-                s = summarize(res["results"], res["duration"], c.slo_ttft_ms, self.slo_tpot_ms)
-                s.update(policy=policy, level=level, mode=c.mode, server_policy=res["server"]["policy"],
-                         timeline=timeline(res["results"], res["duration"]),
-                         server_series=server_series(res["scrape"]))
-                self.runs.append(s)
-                for r in res["results"]:
+            for level, results in done:
+                for r in results:
+                    r.prefill_s = prefill.get(r.request_id)
                     f.write(json.dumps({"policy": policy, "level": level, **r.as_dict()}) + "\n")
 
     def run(self) -> Path:
         (self.out / "requests.jsonl").write_text("")
         for policy in self.cfg.policies:
+            done: list = []
             if self.cfg.base_url:
-                self.run_policy(policy, self.cfg.base_url.rstrip("/"))
+                self.run_policy(policy, self.cfg.base_url.rstrip("/"), done)
+                self.record(policy, done, None)
                 continue
             self.console.print(f"[bold]{policy}[/]: starting the server (model load"
                                f"{', start-up profile' if needs_profile(policy) else ''}) ...")
@@ -265,10 +291,12 @@ class Sweep:
             try:
                 with ServerProcess(self.cfg, policy, log) as url:
                     self.console.print(f"  ready in {time.monotonic() - t:.0f} s at {url}")
-                    self.run_policy(policy, url)
+                    self.run_policy(policy, url, done)
             except RuntimeError as exc:  # one policy's server failing must not lose the others' runs
                 self.console.print(f"[red]{exc}")
                 self.failed_policies[policy] = str(exc).splitlines()[0]
+            finally:  # the server has exited (and saved its telemetry) or failed
+                self.record(policy, done, log.with_name(f"telemetry-{file_stem(policy)}.jsonl"))
         if not self.runs:
             raise RuntimeError("no policy completed a run: " + "; ".join(self.failed_policies.values()))
         from adaspec.bench.report import write_report
