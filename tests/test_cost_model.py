@@ -195,6 +195,44 @@ def test_draft_is_corrected_per_rows_of_its_forwards():
         {"1+": 1.0, "2+": cm.draft_factor, "4+": cm.draft_factor, "8+": 1.5})
 
 
+def test_later_draft_forwards_are_corrected_apart_from_the_first():
+    """A step's first draft forward runs 2x the profile's time (it follows the target's forward),
+    the later ones 0.5x. Timed apart (`draft_first`), each gets its own factor, so a 1-draft step and
+    a 6-draft step are both priced right, and the planners' grid prices forward t > 0 at the later
+    factor; timed only as a whole, one factor prices deep drafts above what they take (the old,
+    still the fallback)."""
+    def shape(k):
+        return StepShape([10], [1], [k], [k])
+
+    def run(split: bool) -> CostModel:
+        cm = CostModel.linear(draft_step=1e-3, verify_step=1e-2, draft_per_row=1e-4, window=10)
+        for _ in range(6):
+            for k in (1, 2, 6):
+                fw = cm.draft_forwards(shape(k))
+                first, rest = 2 * cm.draft.predict(*fw[0]), sum(0.5 * cm.draft.predict(*f) for f in fw[1:])
+                b = cm.predict(shape(k), corrected=False)
+                cm.observe(shape(k), first + rest, b.verify, first + rest + b.verify,
+                           first if split else None)
+        return cm
+
+    cm = run(split=True)
+    unit = cm.draft.predict(1, 1, 10)
+    assert cm.draft_factor_at(1) == pytest.approx(2.0)
+    assert cm.draft_factor_at(1, later=True) == pytest.approx(0.5)
+    assert cm.predict(shape(1)).draft == pytest.approx(2 * unit)
+    fw = cm.draft_forwards(shape(6))
+    assert cm.predict(shape(6)).draft == pytest.approx(
+        2 * cm.draft.predict(*fw[0]) + sum(0.5 * cm.draft.predict(*f) for f in fw[1:]))
+    t = np.arange(3)[:, None]
+    grid = cm.predict_draft_grid(np.ones((3, 2)), 1, 10 + t, later=t > 0)
+    assert grid.ravel().tolist() == pytest.approx(
+        [cm.predict_draft(1, 1, 10 + j, later=j > 0) for j in range(3) for _ in range(2)])
+    assert cm.error_report()["later_draft_scale_by_rows"]["1+"] == pytest.approx(0.5)
+    whole = run(split=False)
+    assert whole.draft_factor_at(1, later=True) == whole.draft_factor_at(1)  # one factor for all
+    assert whole.predict(shape(6)).draft > 1.2 * cm.predict(shape(6)).draft  # deep drafts over-priced
+
+
 def test_verification_is_corrected_apart_from_plain_decoding():
     """The profile underestimates plain decode forwards (width 1) by 2x but verifications by only
     1.2x: each learns its own factor, so a plain step is not priced by the wide ones' factor; every

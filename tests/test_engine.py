@@ -228,6 +228,9 @@ def test_telemetry_records_steps(tiny_pair, tmp_path):
     assert all(a <= d <= 3 for r in recs for a, d in zip(r.accepted, r.drafted, strict=True))
     assert all(r.verify_time > 0 and r.step_time >= r.verify_time + r.draft_time for r in recs)
     assert all(r.draft_time > 0 for r in recs if sum(r.drafted))
+    # the first draft forward is timed apart (the cost model corrects it apart from the later ones)
+    assert all(0 < r.draft_first_time < r.draft_time for r in recs if r.draft_steps > 1)
+    assert all(r.draft_first_time == r.draft_time for r in recs if r.draft_steps == 1)
 
 
 def test_half_precision_runs(tiny_pair):

@@ -41,6 +41,7 @@ class StepRecord:
     draft_time: float = 0.0
     verify_time: float = 0.0  # target forward (prefill forward for prefill steps)
     step_time: float = 0.0
+    draft_first_time: float = 0.0  # the first draft forward's share of draft_time
 
 
 def request_view(s: Sequence, K: int, max_model_len: int, now: float) -> RequestView:
@@ -202,7 +203,7 @@ class LLMEngine:
         drafts: list[list[int]] = [[] for _ in seqs]
         qs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = [k > 0 for k in planned]
-        draft_steps, draft_time = 0, 0.0
+        draft_steps, draft_time, draft_first = 0, 0.0, 0.0
         while any(active):
             idx = [i for i, a in enumerate(active) if a]
             rows = []
@@ -215,6 +216,7 @@ class LLMEngine:
             logits = self.draft.run(rows)
             draft_steps += 1
             draft_time += self.draft.last_time
+            draft_first = draft_first or self.draft.last_time
             # Confidence = the draft's own probability of its token (untempered when greedy).
             # Softmax is monotone, so its max is the argmax token's probability: one op fewer than
             # argmax + softmax + gather (~70 us of each draft step at batch 16 on 1 CPU thread,
@@ -277,12 +279,12 @@ class LLMEngine:
         confidences = [v.confidences[:n] for v, n in zip(views, lengths, strict=True)]
         self.policy.observe(StepOutcome(
             [s.request_id for s in seqs], [v.context_len for v in views], lengths, accepted,
-            confidences, draft_steps, draft_time, self.target.last_time, step_time))
+            confidences, draft_steps, draft_time, self.target.last_time, step_time, draft_first))
         self.telemetry.append(StepRecord(
             "decode", start, len(seqs), self.num_waiting, [v.context_len for v in views],
             [s.request_id for s in seqs], planned,
             lengths, accepted, confidences, draft_steps, draft_time, self.target.last_time,
-            step_time))
+            step_time, draft_first))
         return seqs
 
     # -------------------------------------------------------------------------------- helpers

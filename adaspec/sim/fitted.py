@@ -134,13 +134,15 @@ class FittedCostModel(CostModel):
         st = super().predict(shape, corrected)
         return StepTime(st.draft, st.verify, self.predict_overhead(len(shape.contexts), sum(shape.drafted)))
 
-    def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float) -> StepTime:
-        t = super().observe(shape, draft_time, verify_time, step_time)
+    def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float,
+                draft_first: float | None = None) -> StepTime:
+        t = super().observe(shape, draft_time, verify_time, step_time, draft_first)
         return StepTime(t.draft, t.verify, self.predict_overhead(len(shape.contexts), sum(shape.drafted)))
 
     # The grids through the vectorised path (the base class would call `predict` cell by cell).
-    def predict_draft_grid(self, batch, tokens_per_seq, context) -> np.ndarray:
-        return self.draft.predict_elementwise(batch, tokens_per_seq, context) * self.draft_factor_grid(batch)
+    def predict_draft_grid(self, batch, tokens_per_seq, context, later=False) -> np.ndarray:
+        return (self.draft.predict_elementwise(batch, tokens_per_seq, context)
+                * self.draft_factor_grid(batch, later))
 
     def predict_verify_grid(self, batch, tokens_per_seq, context) -> np.ndarray:
         return self.verify.predict_elementwise(batch, tokens_per_seq, context) * self.verify_scale.grid(

@@ -167,7 +167,8 @@ class AdaSpecPolicy(ControlledPolicy):
             reqs = batch.requests
             lags, contexts = [r.draft_lag for r in reqs], [r.context_len for r in reqs]
             for j in range(len(times), max(drafted)):
-                times.append(self.costs.predict_draft(*self.costs.draft_forward(drafted, lags, contexts, j)))
+                times.append(self.costs.predict_draft(*self.costs.draft_forward(drafted, lags, contexts, j),
+                                                      later=j > 0))
         self._forwards = (batch, drafted, times)
         return sum(times)
 

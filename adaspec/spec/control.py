@@ -74,7 +74,8 @@ class ControlledPolicy(Policy):
             predicted = {"tokens": expected_tokens(predictions)}
             if self.cost_model is not None:
                 shape = self.shape(batch, outcome.drafted)
-                t = self.cost_model.observe(shape, outcome.draft_time, outcome.verify_time, outcome.step_time)
+                t = self.cost_model.observe(shape, outcome.draft_time, outcome.verify_time, outcome.step_time,
+                                            outcome.draft_first_time)
                 predicted.update(draft=t.draft, verify=t.verify, overhead=t.overhead, step_time=t.total)
         self.acceptance.observe_step(ids, confidences, list(outcome.accepted), predictions)
         if batch is not None:

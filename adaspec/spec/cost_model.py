@@ -354,9 +354,11 @@ class CostModel:
 
     def reset(self) -> None:
         """Forget online corrections (keep the profile)."""
-        self.draft_scale = _RowScale(self.window)
+        self.draft_scale = _RowScale(self.window)  # the first draft forward of a step (see `later_scale`)
+        self.later_scale = _RowScale(self.window)  # the draft forwards after it, when measured apart
         self.verify_scale = _WidthScale(self.window)
         self._steps, self._draft_seen = 0, -(10**9)  # steps observed; the latest that drafted
+        self._later_seen = -(10**9)  # the latest step whose later draft forwards were timed apart
         self._per_request: deque[float] = deque(maxlen=max(self.window, 1))  # from plain steps
         self._per_forward: deque[float] = deque(maxlen=max(self.window, 1))  # from speculative steps
         self._plain_seen = False
@@ -382,27 +384,45 @@ class CostModel:
     def _draft_trusted(self) -> bool:
         return self.draft_scale.shared.trusted(self._steps - self._draft_seen)
 
-    def draft_factor_at(self, rows: int) -> float:
+    def draft_factor_at(self, rows: int, later: bool = False) -> float:
         """The draft's online correction for a forward of `rows` rows (`_RowScale`), or the
-        verification's shared factor while the draft's is not trusted (`draft_factor`)."""
+        verification's shared factor while the draft's is not trusted (`draft_factor`).
+
+        `later`: a draft forward after the step's first. The first runs right after the previous
+        step's target forward, the later ones right after a draft forward, and they are off the
+        start-up profile (timed back to back) by different factors: measured at batch 1 on the AMD
+        host of session 18, ~1.7 ms for the first against ~0.8 ms for each later one, where one
+        factor over whole steps, learned mostly from shallow drafts, priced 8 drafts 20-33% above
+        what they took at batch 1-4. Once steps report their first forward's time apart
+        (`observe(draft_first=...)`), later forwards get a factor of their own (`later_scale`)."""
+        if later and self._later_trusted():
+            return self.later_scale.at(rows)
         return self.draft_scale.at(rows) if self._draft_trusted() else self.verify_scale.value
 
-    def predict_draft(self, batch_size, tokens_per_seq, context_len, attn_width=None):
-        scale = self.draft_factor_at(batch_size)
+    def _later_trusted(self) -> bool:
+        return self._draft_trusted() and self.later_scale.shared.trusted(self._steps - self._later_seen)
+
+    def predict_draft(self, batch_size, tokens_per_seq, context_len, attn_width=None, later: bool = False):
+        scale = self.draft_factor_at(batch_size, later)
         return self.draft.predict(batch_size, tokens_per_seq, context_len, attn_width) * scale
 
     def predict_verify(self, batch_size, tokens_per_seq, context_len, attn_width=None):
         scale = self.verify_scale.at(tokens_per_seq)
         return self.verify.predict(batch_size, tokens_per_seq, context_len, attn_width) * scale
 
-    def predict_draft_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None) -> np.ndarray:
-        """`predict_draft` elementwise over arrays (same values as scalar calls)."""
+    def predict_draft_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None,
+                           later=False) -> np.ndarray:
+        """`predict_draft` elementwise over arrays (same values as scalar calls; `later` a bool or
+        a bool array broadcast against the others)."""
         return (_elementwise(self.draft, batch_size, tokens_per_seq, context_len, attn_width)
-                * self.draft_factor_grid(batch_size))
+                * self.draft_factor_grid(batch_size, later))
 
-    def draft_factor_grid(self, rows):
-        """`draft_factor_at` elementwise over an array of row counts."""
-        return self.draft_scale.grid(rows) if self._draft_trusted() else self.verify_scale.value
+    def draft_factor_grid(self, rows, later=False):
+        """`draft_factor_at` elementwise over an array of row counts (and of `later` flags)."""
+        first = self.draft_scale.grid(rows) if self._draft_trusted() else self.verify_scale.value
+        if not self._later_trusted() or not np.any(later):
+            return first
+        return np.where(later, self.later_scale.grid(rows), first)
 
     def predict_verify_grid(self, batch_size, tokens_per_seq, context_len, attn_width=None) -> np.ndarray:
         """`predict_verify` elementwise over arrays (same values as scalar calls)."""
@@ -437,11 +457,11 @@ class CostModel:
         f = self.predict_verify_grid if grid else self.predict_verify
         return f(*self._priced(batch, longest + 1, new_tokens / batch + 1, ctx_max, ctx_sum / batch))
 
-    def draft_time(self, rows, width_max, width_mean, ctx_max, ctx_mean, grid: bool = False):
+    def draft_time(self, rows, width_max, width_mean, ctx_max, ctx_mean, grid: bool = False, later=False):
         """Predicted draft forward of `rows` rows, their widths (tokens) and contexts given by max and
-        mean, priced under the layout (as `verify_time`)."""
+        mean, priced under the layout (as `verify_time`); `later`: not the step's first forward."""
         f = self.predict_draft_grid if grid else self.predict_draft
-        return f(*self._priced(rows, width_max, width_mean, ctx_max, ctx_mean))
+        return f(*self._priced(rows, width_max, width_mean, ctx_max, ctx_mean), later=later)
 
     def _priced(self, rows, width_max, width_mean, ctx_max, ctx_mean) -> tuple:
         """The one place the layout decides which figures of ragged rows a forward is priced at:
@@ -477,16 +497,16 @@ class CostModel:
         return self.forward([n + 1 for n in shape.verified],
                             [c + n for c, n in zip(shape.contexts, shape.verified, strict=True)])
 
-    def _draft_parts(self, shape: StepShape) -> tuple[float, float, int]:
+    def _draft_parts(self, shape: StepShape) -> tuple[float, float, list[tuple]]:
         """The step's draft time as profiled and as corrected (each forward at its rows' factor), and
-        the rows of its first draft forward (0: no drafts)."""
+        its draft forwards."""
         base = corrected = 0.0
         forwards = self.draft_forwards(shape)
-        for f in forwards:
+        for j, f in enumerate(forwards):
             t = self.draft.predict(*f)
             base += t
-            corrected += t * self.draft_factor_at(f[0])
-        return base, corrected, forwards[0][0] if forwards else 0
+            corrected += t * self.draft_factor_at(f[0], later=j > 0)
+        return base, corrected, forwards
 
     def predict(self, shape: StepShape, corrected: bool = True) -> StepTime:
         base, draft, _ = self._draft_parts(shape)
@@ -506,10 +526,12 @@ class CostModel:
 
     # ------------------------------------------------------------------------------ online fit
 
-    def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float) -> StepTime:
+    def observe(self, shape: StepShape, draft_time: float, verify_time: float, step_time: float,
+                draft_first: float | None = None) -> StepTime:
         """Learn from one measured step (the prediction error is recorded first, prequentially);
-        returns what was predicted for it before learning (= `predict(shape)`)."""
-        draft_base, draft, first_rows = self._draft_parts(shape)
+        returns what was predicted for it before learning (= `predict(shape)`). `draft_first`: the
+        time of the step's first draft forward, if measured apart (`draft_factor_at`'s `later`)."""
+        draft_base, draft, forwards_ = self._draft_parts(shape)
         forward = self.verify_forward(shape)
         verify_base, width = self.verify.predict(*forward), forward[1]
         rows, forwards = 1 + len(shape.contexts), max(shape.drafted, default=0)
@@ -519,7 +541,14 @@ class CostModel:
         self._errors.append((step_time, ours.total, float(base_total)))
         self._steps += 1
         if ours.draft > 0 and draft_time > 0:
-            self.draft_scale.update(draft_time, draft_base, first_rows)
+            first_rows = forwards_[0][0]
+            if draft_first and len(forwards_) > 1 and draft_time > draft_first:
+                first_base = self.draft.predict(*forwards_[0])
+                self.draft_scale.update(draft_first, first_base, first_rows)
+                self.later_scale.update(draft_time - draft_first, draft_base - first_base, forwards_[1][0])
+                self._later_seen = self._steps
+            else:
+                self.draft_scale.update(draft_time, draft_base, first_rows)
             self._draft_seen = self._steps
         self.verify_scale.update(verify_time, verify_base, width)
         if self.window:
@@ -559,6 +588,7 @@ class CostModel:
                 "mape_uncorrected": float(np.mean(np.abs(rel_base))),
                 "bias_uncorrected": float(np.mean(rel_base)),
                 "draft_scale": self.draft_factor, "draft_scale_by_rows": self.draft_scale.report(),
+                "later_draft_scale_by_rows": self.later_scale.report() if self._later_trusted() else None,
                 "verify_scale": self.verify_scale.value,
                 "verify_scale_by_width": self.verify_scale.report(),
                 "overhead_per_request_s": self.overhead_per_request,

@@ -80,6 +80,7 @@ class DecisionLog:
             "confidences": [list(c) for c in outcome.confidences],
             "draft_steps": outcome.draft_steps, "draft_time": outcome.draft_time,
             "verify_time": outcome.verify_time, "step_time": outcome.step_time,
+            "draft_first_time": outcome.draft_first_time,
             "emitted": sum(outcome.accepted) + len(outcome.accepted)}
         self.records.append(rec)
         self._current = None
@@ -142,7 +143,7 @@ def replay(records: list[dict], policy) -> list[dict]:
             [min(a, n) for a, n in zip(o["accepted"], verified, strict=True)],
             [r.confidences[:n] for r, n in zip(reqs, verified, strict=True)],
             max((len(r.confidences) for r in reqs), default=0), o["draft_time"], o["verify_time"],
-            o["step_time"]))
+            o["step_time"], o.get("draft_first_time")))
         out.append({"step": rec["step"], "recorded_verified": o["drafted"], "replayed_verified": verified,
                     "replayed_planned": planned})
     return out

@@ -428,7 +428,7 @@ def _next_token_times(cm: CostModel, contexts: list[int], drafted: list[int], ba
             new_tokens += 1
             longest, verify_ctx = max(longest, drafted[i] + 1), max(verify_ctx, ends[i] + 1)
             ctx_max, ctx_sum = max(ctx_max, ends[i]), ctx_sum + ends[i]
-            draft = cm.draft_time(m, 1, 1.0, ctx_max, ctx_sum / m)  # m widths of 1: max 1, mean 1.0
+            draft = cm.draft_time(m, 1, 1.0, ctx_max, ctx_sum / m, later=True)  # m widths of 1
         verify = cm.verify_time(B, new_tokens, longest, verify_ctx, all_contexts + new_tokens)
         T.append(sunk + draft + verify + cm.predict_overhead(B, new_tokens, longest))
         E.append(tokens)
@@ -489,7 +489,7 @@ def _cell_times(cm: CostModel, contexts: list[int], drafted: list[int], base_tok
                 draft += cm.draft_time(rows_in[0], width_max, width_sum / m, ctx_max, ctx_sum / m)
             elif h and m:  # draft forward t = h-1: one token a row
                 t = h - 1
-                draft += cm.draft_time(rows_in[t], 1, 1, ctx_max + t, ctx_sum / m + t)
+                draft += cm.draft_time(rows_in[t], 1, 1, ctx_max + t, ctx_sum / m + t, later=True)
             verify = cm.verify_time(B, new_tokens[h], longest[h], verify_ctx[h], all_contexts + new_tokens[h])
             T[h][m] = sunk + draft + verify + cm.predict_overhead(B, new_tokens[h], longest[h])
             E[h][m] = tokens[h]
@@ -507,7 +507,7 @@ def _draft_times(cm: CostModel, horizon: np.ndarray, width: np.ndarray, ends: np
     ctx_max, ctx_mean = np.maximum.accumulate(ends), np.cumsum(ends) / m
     per_forward = cm.draft_time(rows, np.where(t == 0, first_max[None, :], 1),  # [H, M]
                                 np.where(t == 0, first_mean[None, :], 1), ctx_max[None, :] + t,
-                                ctx_mean[None, :] + t, grid=True)
+                                ctx_mean[None, :] + t, grid=True, later=t > 0)
     draft = np.zeros((H + 1, M + 1))
     draft[1:, 1:] = np.cumsum(per_forward, axis=0)
     return draft

@@ -67,6 +67,7 @@ class StepOutcome:
     draft_time: float
     verify_time: float
     step_time: float  # wall time of the whole step, overheads included
+    draft_first_time: float | None = None  # the first draft forward's share of draft_time (if timed)
 
 
 def fit_limits(batch: BatchView, lengths: list[int]) -> list[int]:
