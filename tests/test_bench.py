@@ -535,3 +535,23 @@ def test_lookahead_bias_counts_what_each_depth_accepted(tmp_path):
     assert all(row["ratio"] == pytest.approx(row["accepted"] / row["predicted"]) for row in out.values())
     assert out[1]["ratio"] < 0.8 < mod.bias_by_depth(str(path), 32.0)[1]["ratio"] < 1
     assert mod.main([str(path), "--weights", "4"]) == 0
+
+
+def test_draft_price_by_depth_groups_predictions_by_batch_and_depth():
+    from conftest import load_benchmark
+
+    mod = load_benchmark("draft_price_by_depth")
+
+    def rec(batch, depth, pred_draft, draft, pred_step, step):
+        return {"predicted": {"draft": pred_draft, "step_time": pred_step},
+                "outcome": {"request_ids": list(range(batch)), "draft_steps": depth,
+                            "draft_time": draft, "step_time": step}}
+
+    records = [rec(1, 8, 0.012, 0.010, 0.030, 0.025), rec(1, 8, 0.011, 0.010, 0.026, 0.026),
+               rec(1, 8, 0.013, 0.010, 0.027, 0.030), rec(1, 1, 0.001, 0.002, 0.010, 0.010),
+               rec(4, 0, 0.0, 0.0, 0.012, 0.010), {"predicted": None, "outcome": {}}]
+    r = mod.price_by_depth(records)
+    assert list(r) == [("1", 1), ("1", 8), ("2-5", 0)]  # batch bucket first, then depth
+    assert r[("1", 8)] == {"steps": 3, "draft": pytest.approx(1.2), "step": pytest.approx(1.0)}
+    assert r[("1", 1)]["draft"] == pytest.approx(0.5)
+    assert r[("2-5", 0)]["draft"] is None and r[("2-5", 0)]["step"] == pytest.approx(1.2)
