@@ -555,3 +555,40 @@ def test_draft_price_by_depth_groups_predictions_by_batch_and_depth():
     assert r[("1", 8)] == {"steps": 3, "draft": pytest.approx(1.2), "step": pytest.approx(1.0)}
     assert r[("1", 1)]["draft"] == pytest.approx(0.5)
     assert r[("2-5", 0)]["draft"] is None and r[("2-5", 0)]["step"] == pytest.approx(1.2)
+
+
+def test_depth_value_sets_measured_tokens_per_ms_by_depth_against_the_plans_prices(tmp_path):
+    from conftest import load_benchmark
+
+    mod = load_benchmark("depth_value")
+
+    def step(batch, drafted, accepted, t):
+        return {"kind": "decode", "request_ids": list(range(batch)), "drafted": drafted,
+                "accepted": accepted, "step_time": t}
+
+    tel = tmp_path / "telemetry-static_5.jsonl"
+    tel.write_text("\n".join(json.dumps(r) for r in [
+        step(9, [5] * 9, [3] * 9, 0.020), step(9, [5] * 9, [1] * 9, 0.016),  # 54 tokens in 36 ms
+        step(9, [5] * 8 + [2], [2] * 9, 0.02),  # mixed depths: not a depth-for-all step
+        step(1, [0], [0], 0.005), {"kind": "prefill", "request_ids": [1], "drafted": [], "accepted": [],
+                                   "step_time": 0.01}]) + "\n")
+    m = mod.measured([str(tel)])
+    assert set(m) == {("8-11", 5), ("1", 0)}
+    assert m[("8-11", 5)]["tokens_per_ms"] == pytest.approx(54 / 36)
+    assert m[("8-11", 5)]["tokens_per_row"] == pytest.approx(3.0)
+    assert m[("8-11", 5)]["policies"] == ["static_5"]
+
+    def plan(batch, h_chosen, effs):
+        cands = [{"h": h, "m": 0 if h == 0 else batch, "efficiency": e} for h, e in enumerate(effs)]
+        return {"requests": [{}] * batch, "phases": [
+            {"phase": "plan", "candidates": cands, "choice": {"h": h_chosen, "m": batch if h_chosen else 0}}]}
+
+    dec = tmp_path / "decisions-adaspec.jsonl"
+    dec.write_text("\n".join(json.dumps(r) for r in [
+        plan(9, 2, [1000, 1400, 1500, 1450]), plan(10, 2, [1000, 1300, 1700, 1600]),
+        plan(10, 1, [1000, 1500, 1600, 1700]),
+        {"requests": [{}] * 9, "phases": [{"phase": "plan", "candidates": [], "choice": "reused"}]}]) + "\n")
+    p, chosen = mod.predicted([str(dec)])
+    assert p[("8-11", 2)] == pytest.approx(1.6) and p[("8-11", 3)] == pytest.approx(1.6)
+    assert p[("8-11", 0)] == pytest.approx(1.0)
+    assert chosen == {("8-11", 2): 2, ("8-11", 1): 1}

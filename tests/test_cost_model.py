@@ -371,3 +371,45 @@ def test_profile_cached_keyed_and_reprofiled(runners, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # another thread count: another key
     with pytest.raises(AssertionError, match="profiled again"):
         profiler.load_or_profile(target, draft, 4, 3, 64, ("t", "d"))
+
+
+def test_spiked_profile_samples_are_timed_again_and_keep_the_lower_time():
+    """A forward timed during a spike (another process on the core) is measured again: the fit then
+    follows the device's shape, not the spike (session 20: draft samples up to 77x the fit)."""
+    from types import SimpleNamespace
+
+    from adaspec.spec import profiler
+    from adaspec.spec.cost_model import ForwardTimeModel
+
+    def true_time(b, t, ctx):
+        return 1e-3 * (2 + 0.5 * b + 0.2 * b * t + 0.001 * b * ctx)
+
+    class SpikyRunner:
+        """Fake runner: each forward takes true_time, except the calls listed, which take 5x."""
+
+        def __init__(self, spikes):
+            self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=32))
+            self.calls, self.spikes, self.last_time = 0, spikes, 0.0
+
+        def run(self, rows):
+            self.calls += 1
+            b, t = len(rows), len(rows[0].tokens)
+            self.last_time = true_time(b, t, rows[0].start + t) * (5.0 if self.calls in self.spikes else 1.0)
+
+    points = profiler.grid(8, 4, 256)
+    # calls: 1 warm-up, then 3 per point; spike two of the three repeats of points 2 and 5
+    runner = SpikyRunner({1 + 3 * 2 + 1, 1 + 3 * 2 + 2, 1 + 3 * 5 + 1, 1 + 3 * 5 + 3})
+    samples = profiler.time_forwards(runner, points, True, budget_s=60)
+    assert samples[2][3] == pytest.approx(5 * true_time(*points[2]))  # the median of three kept the spike
+    fixed, again = profiler.retime_spikes(runner, samples, True, budget_s=60)
+    assert again == 2
+    for (b, t, c, y) in fixed:
+        assert y == pytest.approx(true_time(b, t, c))
+    clean, spiked = ForwardTimeModel.fit(fixed), ForwardTimeModel.fit(samples)
+    err = lambda m: max(abs(m.predict(b, t, c) / true_time(b, t, c) - 1) for b, t, c in points)  # noqa: E731
+    assert err(clean) < 0.01 < err(spiked)
+    # a point slow every time is a real cost: it keeps its time
+    slow = [(b, t, c, y * (4.0 if i == 3 else 1.0)) for i, (b, t, c, y) in enumerate(fixed)]
+    runner.spikes = set(range(runner.calls + 1, runner.calls + 10))  # the re-timing is slow too
+    kept, again = profiler.retime_spikes(runner, slow, True, budget_s=60)
+    assert again == 1 and kept[3][3] == slow[3][3]

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 FEATURES = ("const", "rows", "tokens", "tokens_over_knee", "rows_x_context", "tokens_x_context")
-FIT_VERSION = 2  # 2: token slopes below and above the knee fitted separately; part of a profile's cache key
+FIT_VERSION = 3  # 2: token slopes below and above the knee fitted apart; 3: spiked samples timed again
+# (profiler.retime_spikes). Part of a profile's cache key
 
 
 def forward_features(batch, tokens_per_seq, context, knee: float):
