@@ -1039,6 +1039,27 @@ def test_lookahead_follows_a_requests_recent_steps():
     assert (rate.accepted, rate.tested) == (60.0, 65.0)  # 20 x 3 accepted of 3; 5 x 0 of the 1 tested
 
 
+def test_exploration_stops_at_positions_a_draft_rarely_reaches():
+    """At low acceptance a deep position is verified only when every one before it was accepted, so
+    it gathers evidence slowly; probing it stops once a draft reaches it with less than
+    `explore_reach` probability (session 20: simulated Llama-70B pair, probes cost 1-3.5%)."""
+    from adaspec.spec.acceptance import AcceptanceModel
+
+    acc = AcceptanceModel(min_evidence=20, explore_reach=0.2)
+    for k in range(200):  # ~40% accepted at each of positions 0 and 1; position 2 tested ~28 times
+        n = 0 if k % 5 < 3 else (1 if k % 25 < 15 else 2)
+        acc.observe(f"r{k}", [0.5, 0.5, 0.5], n)
+    rates = [acc._global_rate(j) for j in range(3)]
+    assert rates[0] == pytest.approx(0.4, abs=0.03) and acc.position_rates[2].tested < 40
+    reach2 = rates[0] * rates[1]
+    assert reach2 < 0.2 and acc.position_rates[2].tested >= 20
+    assert acc.position_rates[3].tested == 0  # never drafted that deep
+    assert acc.unexplored_position(8) is None  # position 3: reached with < 0.2, not probed
+    assert AcceptanceModel(min_evidence=20, explore_reach=0.0).unexplored_position(1) == 0
+    acc.explore_reach = 0.0  # without the bound, position 3 would be probed
+    assert acc.unexplored_position(8) == 3
+
+
 def test_look_ahead_positions_without_evidence_are_explored():
     """Early rejections can leave a look-ahead position's global rate low on a handful of tests
     (session 17, c=1: position 1 at 1 of 6). The plan then stops drafting before it, so it is never

@@ -110,6 +110,9 @@ class _Rate:
 # static:5: -0.153 -> -0.100 tokens a step; code static:5 -0.060 -> -0.062). Stronger decay (0.7)
 # cut the bias further but raised the error on two of the five.
 REQUEST_DECAY = 0.9
+# `unexplored_position` probes a position only while a draft reaches it with at least this
+# probability (what the position's own rate can change in the look-ahead is at most that)
+EXPLORE_REACH = 0.2
 RANK_WEIGHTS = (4.0, 8.0, 16.0, 32.0)  # prior weights `rank_weight` chooses among (AdaSpecPolicy's model)
 RANK_EVERY = 4  # score the weights on one verification step in this many (see _score_rank_weights)
 RANK_DECAY = 0.996  # per scored step: the choice follows a workload that changes (half-life ~700 steps)
@@ -120,7 +123,7 @@ class AcceptanceModel:
     def __init__(self, bins: int = 10, calibration_prior: float = 3.0, position_prior: float = 20.0,
                  request_prior: float = 4.0, unseen_prior: float = 0.6, unseen_prior_weight: float = 4.0,
                  max_position: int = 16, min_evidence: int = 20, rank_weights: tuple[float, ...] = (),
-                 request_decay: float = REQUEST_DECAY):
+                 request_decay: float = REQUEST_DECAY, explore_reach: float = EXPLORE_REACH):
         self.bins = bins
         self.calibration_prior = calibration_prior
         self.position_prior = position_prior
@@ -129,6 +132,7 @@ class AcceptanceModel:
         self.unseen_prior_weight = unseen_prior_weight
         self.max_position = max_position
         self.min_evidence = min_evidence
+        self.explore_reach = explore_reach  # `unexplored_position` names only positions this reachable
         self.request_decay = request_decay  # weight of a request's past per verification (look-ahead)
         # scored (one step in RANK_EVERY) for `rank_weight`; empty (the default) for models no plan ranks with
         self.rank_weights = tuple(rank_weights)
@@ -187,11 +191,22 @@ class AcceptanceModel:
         verified only when the policy drafts past it, so a pessimistic early estimate is never
         corrected unless the policy drafts there anyway (measured, session 17: at c=1 the first
         requests' rejections left position 1 at 1 accepted of 6, its rate at 0.34 against ~0.87
-        later, and adaspec drafted at most one token for ~240 steps)."""
+        later, and adaspec drafted at most one token for ~240 steps).
+
+        Only positions a draft reaches with probability at least `explore_reach` (the product of
+        the global rates before it) are named: a position is verified only when every one before
+        it was accepted, so at low acceptance a deep position gathers its evidence slowly and the
+        probes went on for the whole run (session 20, simulated Llama-70B pair, acceptance ~0.45:
+        1-3.5% behind the best static k in 7 of 8 cells, level or ahead without the probes), while
+        what its rate can change in the look-ahead is at most its reach (a token a step)."""
         last = self.max_position - 1
+        reach = 1.0
         for j in range(positions):
+            if reach < self.explore_reach:
+                return None
             if self.position_rates[min(j, last)].tested < self.min_evidence:
                 return j
+            reach *= self._global_rate(j)
         return None
 
     def predict(self, request_id: str, q: float, position: int) -> float:
