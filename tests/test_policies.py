@@ -1086,6 +1086,14 @@ def test_look_ahead_positions_without_evidence_are_explored():
     assert phases["plan"]["choice"]["h"] == 0  # the plan's own choice: no speculation
     assert phases["explore"]["depth"] == 2 and sorted(verified) == [0, 2]  # one request probes position 1
     assert pol.replan.reusable(["a", "b"]) is None  # the next step plans (and explores) again
+    # ... but at most one plan in PROBE_EVERY probes (each probe costs the batch a draft forward)
+    probes, pol.replan = [], None  # every step plans anew (a reused plan makes no new decision)
+    for k in range(2 * pol.probe_every):
+        b = BatchView([request(f"{r}{k}", cap=2, output_tokens=10) for r in "pq"], 8)
+        drive(pol, b, lambda i, j: 0.6)
+        probes.append("explore" in {p["phase"] for p in pol.log._current["phases"]})
+        pol.log._current = None  # no outcome is observed: position 1 stays unexplored
+    assert probes == ([False] * (pol.probe_every - 1) + [True]) * 2
     for k in range(20):  # position 1 now has its evidence, and it is bad
         acc.observe(f"u{k}", [0.6, 0.6], 1)
     assert acc.unexplored_position(2) is None

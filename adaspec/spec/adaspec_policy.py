@@ -78,6 +78,10 @@ STEADY_LAG = 2  # draft catch-up per row after a fully accepted step (last draft
 # docs/trace_replay.md). Below it per-request lengths were level with or ahead of one depth for
 # all (sessions 9 and 14). `adaspec-ragged` keeps per-request plans at every batch size.
 UNIFORM_FROM = 8
+# At most one plan in this many probes an unexplored look-ahead position (`_probe`). A probe drafts
+# one request past the plan's depth, and every draft forward runs for the batch: probing every plan
+# until a deep position had its evidence cost the simulated Llama-70B pair 1-3% (session 20).
+PROBE_EVERY = 4
 
 class AdaSpecPolicy(ControlledPolicy):
     name = "adaspec"
@@ -130,6 +134,8 @@ class AdaSpecPolicy(ControlledPolicy):
         self._forwards: tuple = (None, [], [])  # (batch, drafted, predicted time of each draft forward)
         self._slo: SLOState | None = None
         self._unseen: list[list[float]] = []  # look-ahead acceptance per request and position
+        self.probe_every = PROBE_EVERY  # plans per probe at most (`_probe`)
+        self._since_probe = PROBE_EVERY  # plans since the last probe (the first plan may probe)
 
     @property
     def uniform(self) -> bool:
@@ -306,11 +312,17 @@ class AdaSpecPolicy(ControlledPolicy):
         `depth` for it; None when nothing needs exploring. Without it, early rejections can hold
         the global rate of a position low for good: the plan stops drafting before it, so it is
         never verified again (session 17, c=1: ~240 steps of at most one draft)."""
+        self._since_probe += 1
+        if self._since_probe < self.probe_every:
+            return None
         j = self.acceptance.unexplored_position(K)
         if j is None or not order:
             return None
         want = min(j + 1, reqs[order[0]].max_draft)
-        return want if want > depth else None
+        if want <= depth:
+            return None
+        self._since_probe = 0
+        return want
 
     def _explore(self, batch: BatchView, order: list[int], m: int, h: int, probe: int, T, E, checks,
                  started: float) -> list[int]:
@@ -440,6 +452,7 @@ class AdaSpecPolicy(ControlledPolicy):
 
     def reset(self) -> None:
         super().reset()
+        self._since_probe = self.probe_every
         if self.adaptation is not None:
             self.adaptation.reset()
         if self.replan is not None:
