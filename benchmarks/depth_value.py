@@ -1,8 +1,10 @@
 """Does the plan value draft depths as they measure? Telemetry and decision logs, by batch size.
 
     adaspec bench sweep --policies static:3,static:5,adaspec ... --output-dir runs/sweep
-    python benchmarks/depth_value.py --telemetry runs/sweep/r1/x2/telemetry-*.jsonl \\
-        --decisions runs/sweep/r1/x2/decisions-adaspec.jsonl
+    python benchmarks/depth_value.py --telemetry runs/sweep/r*/telemetry-*.jsonl \\
+        --decisions runs/sweep/r*/decisions-adaspec.jsonl
+
+(a sweep keeps one telemetry file and one decision log per policy and repeat, its levels pooled)
 
 Measured: every decode step in which all rows drafted the same depth d (static k's steps, and
 adaspec's one-depth-for-all steps), grouped by (batch bucket, d): tokens emitted per ms of step
@@ -23,6 +25,7 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from adaspec.sim.fitted import read_telemetry
 from adaspec.spec.decisions import DecisionLog
 
 BUCKETS = ((1, "1"), (3, "2-3"), (7, "4-7"), (11, "8-11"), (15, "12-15"), (10**9, "16+"))
@@ -42,8 +45,7 @@ def measured(paths: list[str]) -> dict[tuple[str, int], dict]:
     policies the steps came from."""
     acc: dict[tuple, list] = defaultdict(lambda: [0, 0.0, 0, 0, set()])
     for path in paths:
-        for line in Path(path).read_text().splitlines():
-            r = json.loads(line)
+        for r in read_telemetry(path):
             if r["kind"] != "decode" or r["step_time"] <= 0 or not r["drafted"]:
                 continue
             depths = set(r["drafted"])

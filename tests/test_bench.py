@@ -562,16 +562,19 @@ def test_depth_value_sets_measured_tokens_per_ms_by_depth_against_the_plans_pric
 
     mod = load_benchmark("depth_value")
 
-    def step(batch, drafted, accepted, t):
-        return {"kind": "decode", "request_ids": list(range(batch)), "drafted": drafted,
-                "accepted": accepted, "step_time": t}
+    from dataclasses import asdict
+
+    from adaspec.engine.engine import StepRecord
+
+    def step(batch, drafted, accepted, t, kind="decode"):  # an engine step record, as the server saves it
+        return asdict(StepRecord(kind, 0.0, batch, 0, [50] * batch, [f"r{i}" for i in range(batch)],
+                                 drafted, drafted, accepted, step_time=t))
 
     tel = tmp_path / "telemetry-static_5.jsonl"
     tel.write_text("\n".join(json.dumps(r) for r in [
         step(9, [5] * 9, [3] * 9, 0.020), step(9, [5] * 9, [1] * 9, 0.016),  # 54 tokens in 36 ms
         step(9, [5] * 8 + [2], [2] * 9, 0.02),  # mixed depths: not a depth-for-all step
-        step(1, [0], [0], 0.005), {"kind": "prefill", "request_ids": [1], "drafted": [], "accepted": [],
-                                   "step_time": 0.01}]) + "\n")
+        step(1, [0], [0], 0.005), step(1, [], [], 0.01, kind="prefill")]) + "\n")
     m = mod.measured([str(tel)])
     assert set(m) == {("8-11", 5), ("1", 0)}
     assert m[("8-11", 5)]["tokens_per_ms"] == pytest.approx(54 / 36)

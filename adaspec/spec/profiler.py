@@ -93,8 +93,11 @@ def grid(max_batch: int, max_tokens: int, max_context: int, seed: int = 0) -> li
     return sorted(corners) + rest
 
 
+Sample = tuple[int, int, int, float]  # (batch, tokens per row, context, seconds)
+
+
 def time_forwards(runner: ModelRunner, points: list[tuple[int, int, int]], all_logits: bool,
-                  budget_s: float, reps: int = 3) -> list[tuple[int, int, int, float]]:
+                  budget_s: float, reps: int = 3) -> list[Sample]:
     """Median forward time at each point (rows of random tokens written at the context's end).
     Writes garbage into the cache rows it uses: run before serving, then clear."""
     g = torch.Generator().manual_seed(0)
@@ -117,9 +120,6 @@ def time_forwards(runner: ModelRunner, points: list[tuple[int, int, int]], all_l
 
 
 RETIME_ABOVE = 1.3  # a sample this far over a first fit is timed again (`retime_spikes`)
-
-
-Sample = tuple[int, int, int, float]  # (batch, tokens per row, context, seconds)
 
 
 def retime_spikes(runner: ModelRunner, samples: list[Sample], all_logits: bool, budget_s: float,
