@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     # per repeat, so a slow phase of a shared machine hits them alike, not one policy.
     policy_objs: dict = {}
     telemetry: dict = {name: [] for name in policies}
+    per_request: list[dict] = []
 
     def fresh_engine(name: str):
         engine = engine_for(policy_objs.get(name, name), slo_ms)
@@ -193,6 +194,8 @@ def main(argv=None) -> int:
                 row = {"policy": name, "repeat": rep,
                        **run_level(engine, prompt_ids, c, a.requests_per_level or max(8, 2 * c),
                                    a.max_tokens, a.temperature, slo)}
+                per_request += [{"policy": name, "concurrency": c, "repeat": rep, **r}
+                                for r in row.pop("per_request")]
                 if cm is not None:
                     row["step_time_error"] = cm.error_report(last=cm.observed_steps - seen)
                 results.append(row)
@@ -238,13 +241,33 @@ def main(argv=None) -> int:
             "output_length_rule": f"fixed {a.max_tokens} tokens, ignore_eos", "temperature": a.temperature,
             "tpot_slo_ms": slo_ms, "ttft_slo_ms": a.ttft_slo_ms, "K": a.num_speculative_tokens,
             "closed_loop": "concurrency c: c requests in flight; a finished request is replaced at once",
-            "repeats": a.repeats, "warmup": f"{a.warmup_requests} requests x {a.warmup_tokens} tokens"}
-    res = {"meta": meta, "results": results, "per_policy": extra}
+            "repeats": a.repeats, "warmup": f"{a.warmup_requests} requests x {a.warmup_tokens} tokens",
+            "requests_file": a.out.with_suffix(".requests.jsonl").name}
+    res = {"meta": meta, "results": results, "per_policy": extra,
+           "attainment_by_slo": attainment_by_slo(per_request, slo_ms)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out.with_suffix(".requests.jsonl"), "w") as f:  # who missed, and with what acceptance
+        for r in per_request:
+            f.write(json.dumps(r) + "\n")
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     a.out.with_suffix(".md").write_text(render(res, levels, policies))
     print(f"wrote {a.out.with_suffix('.md')}")
     return 0
+
+
+SLO_SCALES = (0.8, 0.9, 1.0, 1.2, 1.5)
+
+
+def attainment_by_slo(per_request: list[dict], slo_ms: float) -> dict:
+    """Per policy and level: the share of requests whose TPOT is within each of a few multiples of
+    the run's SLO. Only the 1.0 column is what adaspec aimed at (it was told that SLO); the others say
+    how far a ranking holds for the baselines, whose choices do not depend on the SLO. Failed or
+    unmeasurable requests count as misses."""
+    out: dict = {}
+    for r in per_request:
+        out.setdefault(r["policy"], {}).setdefault(str(r["concurrency"]), []).append(r["tpot_ms"])
+    return {p: {c: {f"{m:g}": sum(1 for t in v if t <= m * slo_ms) / len(v) for m in SLO_SCALES}
+                for c, v in by_c.items()} for p, by_c in out.items()}
 
 
 def paired_lines(by: dict, c: int, policies: list[str], reference: str = "adaspec") -> list[str]:
@@ -295,6 +318,20 @@ def render(res: dict, levels: list[int], policies: list[str]) -> str:
                          f"{r['mean_speculation_length']:.2f} | {r['throughput_tok_s']:.1f} | {err_s} |")
         lines.append("")
         lines += paired_lines(by, c, policies)
+    att = res.get("attainment_by_slo") or {}
+    if att:
+        lines += ["## SLO attainment at multiples of the SLO", "",
+                  f"From the per-request TPOTs (`{Path(m.get('requests_file', 'requests.jsonl')).name}`). "
+                  "Only the 1.0 column is the SLO adaspec was told; the baselines do not depend on it.", "",
+                  "| c | policy | " + " | ".join(f"{x:g} x" for x in SLO_SCALES) + " |",
+                  "|---|---|" + "---|" * len(SLO_SCALES)]
+        for c in levels:
+            for p in policies:
+                row = att.get(p, {}).get(str(c))
+                if row:
+                    lines.append(f"| {c} | {p} | " + " | ".join(f"{row[f'{x:g}']:.2f}" for x in SLO_SCALES)
+                                 + " |")
+        lines.append("")
     lines += ["## Acceptance-model calibration (replayed from engine telemetry)", "",
               "| run | verified positions | ECE ours | ECE raw q | Brier ours | Brier raw q |",
               "|---|---|---|---|---|---|"]

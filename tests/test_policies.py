@@ -867,6 +867,17 @@ def test_closed_loop_benchmark_smoke(tiny_pair, tmp_path, monkeypatch):
     md = out.with_suffix(".md").read_text()
     assert "## Concurrency 2" in md and "| adaspec |" in md and "calibration" in md
     assert (tmp_path / "dec" / "adaspec.jsonl").exists()
+    # every measured request has its own line, and the attainment table agrees with the rows
+    reqs = [json.loads(x) for x in out.with_suffix(".requests.jsonl").read_text().splitlines()]
+    assert len(reqs) == 3 * len(rows)
+    slo = res["meta"]["tpot_slo_ms"]
+    for (p, c), r in rows.items():
+        mine = [q for q in reqs if q["policy"] == p and q["concurrency"] == c]
+        assert {q["prompt"] for q in mine} == {0, 1, 2} and all(q["output_tokens"] == 6 for q in mine)
+        assert sum(q["drafted"] for q in mine) > 0 or r["mean_speculation_length"] == 0
+        met = sum(q["tpot_ms"] <= slo for q in mine) / len(mine)
+        assert res["attainment_by_slo"][p][str(c)]["1"] == pytest.approx(met) == r["slo_attainment"]
+    assert "## SLO attainment at multiples of the SLO" in md
 
 
 def test_plan_counterfactual_alternates_adaspec_and_a_fixed_depth(tiny_pair, tmp_path):

@@ -35,11 +35,13 @@ def run_level(engine, prompts: list[list[int]], concurrency: int, num_requests: 
     """Keep `concurrency` requests in flight until `num_requests` have finished."""
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
     first_step = len(engine.telemetry)
-    in_flight, done, sent = [], [], 0
+    in_flight, done, sent, prompt_of = [], [], 0, {}
     t0 = time.perf_counter()
     while len(done) < num_requests:
         while len(in_flight) < concurrency and sent < num_requests:
-            in_flight.append(engine.add_request(prompts[sent % len(prompts)], params, slo=slo))
+            seq = engine.add_request(prompts[sent % len(prompts)], params, slo=slo)
+            prompt_of[id(seq)] = sent % len(prompts)
+            in_flight.append(seq)
             sent += 1
         engine.step()
         for s in [s for s in in_flight if s.finished]:
@@ -69,7 +71,21 @@ def run_level(engine, prompts: list[list[int]], concurrency: int, num_requests: 
         "mean_acceptance_length": 1 + accepted / steps if steps else 0.0,
         "mean_speculation_length": drafted / steps if steps else 0.0,
         "decode_steps": sum(1 for r in list(engine.telemetry)[first_step:] if r.kind == "decode"),
+        "per_request": [request_record(s, prompt_of[id(s)], t0) for s in done],
     }
+
+
+def request_record(s, prompt: int, t0: float) -> dict:
+    """One finished request: which prompt, when it ran (seconds from the level's start), its TTFT,
+    TPOT and speculation counts, so that who missed an SLO can be told apart (nan: not measurable)."""
+    nan = float("nan")
+    first = s.first_token_time
+    n = s.num_output_tokens
+    return {"prompt": prompt, "prompt_tokens": s.num_prompt_tokens, "output_tokens": n,
+            "arrival_s": s.arrival_time - t0, "finish_reason": s.finish_reason,
+            "ttft_ms": nan if first is None else 1e3 * (first - s.arrival_time),
+            "tpot_ms": 1e3 * (s.finish_time - first) / (n - 1) if first is not None and n > 1 else nan,
+            "drafted": s.stats.drafted, "accepted": s.stats.accepted, "steps": s.stats.steps}
 
 
 def add_pair_args(ap, max_prompt_tokens: int = 400) -> None:
