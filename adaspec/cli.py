@@ -13,7 +13,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="speculation policy: none, static:K, threshold, smartspec, adaspec; "
                    "adaspec's ablations: adaspec-drafter, adaspec-noslo, adaspec-always, adaspec-tpot, "
                    "adaspec-meantpot, adaspec-everystep, adaspec-uniformreuse, adaspec-late, "
-                   "adaspec-uniform, adaspec-steady "
+                   "adaspec-uniform, adaspec-steady, adaspec-ragged, adaspec-strict "
                    "(default: static:4 with a draft)")
     p.add_argument("--num-speculative-tokens", type=int, default=8, help="K, the most a step may draft")
     p.add_argument("--max-num-seqs", type=int, default=32)

@@ -172,16 +172,21 @@ def test_choose_in_plain_python_matches_numpy(monkeypatch):
         for T, E, _, tokens_of in evaluations:
             if rng.random() < 0.3:  # ties: the first of equally efficient candidates
                 T, E = np.ones(np.shape(T)), np.round(np.asarray(E), 1)
-            for aware in (False, True):
+            if slo.active:  # the rescue's per-request view agrees with the counts of `worst`
+                rows = efficiency._token_rows(tokens_of, list(range(np.size(T))))
+                counts = slo.worst(np.ravel(T), rows)
+                assert slo.off_track(np.ravel(T), rows).sum(1).tolist() == np.maximum(counts, 0).tolist()
+            for aware, partial in ((False, False), (True, False), (True, True)):
                 loss = rng.choice([efficiency.RESCUE_LOSS, 0.3])
                 monkeypatch.setattr(efficiency, "SMALL_CHOICE", 10**9)
-                plain = efficiency.choose(T, E, tokens_of, slo, aware, loss)
+                plain = efficiency.choose(T, E, tokens_of, slo, aware, loss, partial)
                 monkeypatch.setattr(efficiency, "SMALL_CHOICE", -1)
-                assert efficiency.choose(np.asarray(T), np.asarray(E), tokens_of, slo, aware, loss) == plain
+                arrays = np.asarray(T), np.asarray(E)
+                assert efficiency.choose(*arrays, tokens_of, slo, aware, loss, partial) == plain
                 monkeypatch.setattr(efficiency, "SMALL_SLO", 0)  # every SLO check in numpy
-                assert efficiency.choose(T, E, tokens_of, slo, aware, loss) == plain
+                assert efficiency.choose(T, E, tokens_of, slo, aware, loss, partial) == plain
                 monkeypatch.setattr(efficiency, "SMALL_SLO", 10**9)  # every SLO check in plain Python
-                assert efficiency.choose(T, E, tokens_of, slo, aware, loss) == plain
+                assert efficiency.choose(T, E, tokens_of, slo, aware, loss, partial) == plain
                 monkeypatch.undo()
 
 

@@ -430,6 +430,36 @@ def test_a_rescue_may_cost_the_share_of_requests_it_saves_up_to_a_cap(rescue_los
     assert pick([90.0, 100.0, 96.0, 85.0], 4, aware=False) == 1 and not checked
 
 
+def test_a_partial_rescue_saves_some_requests_when_no_candidate_saves_all():
+    """No candidate keeps all 3 of the requests that the best one leaves off track on track: the
+    strict rule keeps the best; `partial` takes the candidate that leaves the fewest over, if it
+    costs at most the share of requests it saves (capped at the rescue loss) and puts no one over
+    that the best keeps on track; `rescue_e` lets a cell that the efficiency choice may not take
+    (masked to 0 in `e`) rescue them."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from adaspec.spec.efficiency import choose
+
+    off = {0: [1, 1, 1, 0], 1: [1, 1, 0, 0], 2: [1, 0, 0, 0], 3: [0, 0, 1, 1]}  # requests over, per candidate
+    slo = SimpleNamespace(active=True, population=10, worst_cells=lambda t, e: [sum(off[x[0]]) for x in e],
+                          excess=lambda t, e: [float(sum(off[e[0]]))],
+                          off_track=lambda t, e: np.array([off[int(x[0])] for x in e], dtype=bool))
+
+    def pick(e, partial=True, rescue_e=None, loss=0.05):
+        return choose([1.0] * len(e), e, lambda i: [i], slo, True, loss, partial, rescue_e)[0]
+
+    assert pick([100.0, 99.0, 97.0, 96.0], partial=False) == 0  # strict: only a full rescue counts
+    assert pick([100.0, 99.0, 97.0, 96.0]) == 2  # 2 of 10 saved, 3% lost: fewest over, then efficiency
+    assert pick([100.0, 99.0, 89.0, 96.0], loss=0.5) == 2  # 11% lost for 2 of 10 (20%): allowed
+    assert pick([100.0, 99.0, 79.0, 96.0], loss=0.5) == 1  # 21% for 2 of 10: too much; 1 of 10 for 1%
+    assert pick([100.0, 99.5, 89.0, 89.0], loss=0.05) == 1  # the cap: 2 saved are worth 5%, not 11%
+    assert pick([100.0, 96.0, 0.0, 0.0]) == 1 and pick([100.0, 94.0, 0.0, 0.0]) == 0  # 1 of 10: 5% cap
+    assert pick([100.0, 0.0, 0.0, 99.0]) == 0  # 3 leaves fewer over, but puts request 3 over
+    assert pick([100.0, 0.0, 0.0, 0.0], rescue_e=[100.0, 99.0, 97.0, 96.0]) == 2  # masked cells rescue
+
+
 def test_verifier_explores_where_calibration_lacks_evidence():
     """An under-confident draft (q = 0.05) looks worthless to a fresh calibration, and verifying
     costs a lot: the verifier would drop every draft and never learn. It keeps one token per

@@ -34,7 +34,10 @@ with each request weighted by its rate so far (`_choose`), `adaspec-late` with
 `late_weighted=True` (only requests behind their SLO weighted, `efficiency.late_weighted`; on the
 conversation trace in session 10 it cut the P99 TPOT but not the mean, docs/trace_replay.md), and
 `adaspec-ragged` plans per request at every batch size (`adaspec` until session 16; `adaspec` now
-plans as `adaspec-uniform` from UNIFORM_FROM requests on, see there).
+plans as `adaspec-uniform` from UNIFORM_FROM requests on, see there). There the SLO rule may still
+rescue requests with any cell of the plan's grid (`grid_rescue`: the top m requests to depth h),
+and a rescue may keep some of the requests off track on track, not all (`partial_rescue`,
+`efficiency.choose`); `adaspec-strict` has neither (`adaspec` until session 21).
 
 keep_drafting and prune cost time of their own. With `cost_aware_adaptation` (on by default) a
 speculating step runs them only where, at this batch size, their measured cost has been below the
@@ -93,7 +96,8 @@ class AdaSpecPolicy(ControlledPolicy):
                 "adaspec-meantpot": {"mean_tpot": True}, "adaspec-everystep": {"reuse_plans": False},
                 "adaspec-late": {"late_weighted": True}, "adaspec-uniformreuse": {"reuse_ragged": False},
                 "adaspec-uniform": {"uniform": True}, "adaspec-steady": {"mean_tpot": True, "steady": True},
-                "adaspec-ragged": {"uniform_from": None}}
+                "adaspec-ragged": {"uniform_from": None},
+                "adaspec-strict": {"partial_rescue": False, "grid_rescue": False}}
 
     def __init__(self, cost_model: CostModel | None = None, *, verifier: bool = True,
                  slo_aware: bool = True, acceptance: AcceptanceModel | None = None, name: str = "adaspec",
@@ -101,12 +105,15 @@ class AdaSpecPolicy(ControlledPolicy):
                  cost_aware_adaptation: bool = True, mean_tpot: bool = False,
                  plan_prior_weight: float | None = None, reuse_plans: bool = True,
                  late_weighted: bool = False, reuse_ragged: bool = True, uniform: bool = False,
-                 steady: bool = False, uniform_from: int | None = UNIFORM_FROM):
+                 steady: bool = False, uniform_from: int | None = UNIFORM_FROM,
+                 partial_rescue: bool = True, grid_rescue: bool = True):
         if acceptance is None:  # a learned plan weight needs its candidates scored (rank_weight)
             acceptance = AcceptanceModel(rank_weights=RANK_WEIGHTS if plan_prior_weight is None else ())
         super().__init__(cost_model, acceptance)
         self.verifier, self.slo_aware, self.name = verifier, slo_aware, name
         self.rescue_loss = rescue_loss  # efficiency a step may give up for the SLOs (efficiency.choose)
+        self.partial_rescue = partial_rescue  # a rescue may save some of the requests, not all
+        self.grid_rescue = grid_rescue  # a uniform plan's rescue may take per-request cells
         self.tpot_weighted = tpot_weighted  # tokens valued per request for mean TPOT (efficiency.weighted)
         self.late_weighted = late_weighted  # the same, for requests behind their SLO only
         self._weights: list[float] | None = None
@@ -194,6 +201,8 @@ class AdaSpecPolicy(ControlledPolicy):
         d = super().describe()
         if self.slo_aware:
             d["rescue_loss"] = self.rescue_loss
+            d["partial_rescue"] = self.partial_rescue
+            d["grid_rescue"] = self.grid_rescue
         d["tpot_weighted"] = self.tpot_weighted
         d["late_weighted"] = self.late_weighted
         d["mean_tpot"] = self.mean_tpot
@@ -222,10 +231,12 @@ class AdaSpecPolicy(ControlledPolicy):
             r = np.ones(rows.shape[1]) if self._rates is None else np.asarray(self._rates)
             H = r.sum() / (r / np.maximum(rows, 1e-9)).sum(axis=1)
             E = H.tolist() if isinstance(E, list) else H.reshape(np.shape(E))
+        full = None
         if uniform:
             h, m = np.indices(np.shape(E))
+            full = E if self.grid_rescue else None
             E = np.where((h > 0) & (m < np.shape(E)[1] - 1), 0.0, E)
-        return choose(T, E, tokens_of, self._slo, self.slo_aware, self.rescue_loss)
+        return choose(T, E, tokens_of, self._slo, self.slo_aware, self.rescue_loss, self.partial_rescue, full)
 
     # ------------------------------------------------------------------------------ decisions
 

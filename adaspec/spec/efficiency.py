@@ -10,7 +10,11 @@ and a function giving a candidate's expected tokens per request for the SLO chec
 - SLO-aware: the highest E / T, unless a candidate nearly as efficient (within RESCUE_LOSS) keeps
   on track the requests that it leaves off: running requests for their TPOT SLO over their
   remaining tokens (`SLOState`), waiting ones for their TTFT when a queue exists. A request that no
-  such candidate keeps on track is late whatever we choose and does not count.
+  such candidate keeps on track is late whatever we choose and does not count. When no candidate
+  keeps all of them on track, one that keeps some (and puts no one else over) may still rescue
+  those, at a cost of at most their share of the population (`partial`; session 21: without it a
+  tight SLO over a batch of mixed acceptance never found a full rescue, and choosing for efficiency
+  alone left the confident requests short of the depth that would have kept them on track).
   Measured, in closed-loop overload (concurrency 16): letting a rescue of k requests cost k / B of
   the efficiency (up to 12.5% to save 2 of 16), and drafting first for requests behind their SLO,
   slowed every step and left attainment lower than choosing for efficiency; taking the candidate
@@ -127,6 +131,21 @@ class SLOState:
         -1 if there are none); otherwise how many of them are over their SLO (>= 1)."""
         if not self.active:
             return np.full(np.shape(t), -1.0)
+        over = self._savable_excess(t, e)
+        if over is None:
+            return np.full(np.shape(t), -1.0)
+        v = over.max(-1)
+        return np.where(v > 0, (over > 0).sum(-1).astype(float), v)
+
+    def off_track(self, t: np.ndarray, e: np.ndarray) -> np.ndarray:
+        """[len(t), requests] which requests that some of these candidates keep on track each
+        candidate leaves off track (requests that none can are left out: no column)."""
+        over = self._savable_excess(np.asarray(t, dtype=float), e)
+        return np.zeros((len(t), 0), dtype=bool) if over is None else over > 0
+
+    def _savable_excess(self, t: np.ndarray, e: np.ndarray) -> np.ndarray | None:
+        """`excess` for every candidate, only of the requests that some candidate keeps on track
+        (None if there are none)."""
         rate, lost, remaining, wait_rank, waited, ttft = self._np()
         t = np.asarray(t, dtype=float)[..., None] + self.between
         over = t / np.maximum(e, 1e-9) / rate - 1
@@ -139,11 +158,7 @@ class SLOState:
                 vw = np.where(np.isfinite(wait), (waited + wait) / ttft - 1, -np.inf)
             over = np.concatenate([over, vw], axis=-1)
         savable = (over <= 0).reshape(-1, over.shape[-1]).any(0)
-        if not savable.any():
-            return np.full(over.shape[:-1], -1.0)
-        over = over[..., savable]
-        v = over.max(-1)
-        return np.where(v > 0, (over > 0).sum(-1).astype(float), v)
+        return over[..., savable] if savable.any() else None
 
 
 RESCUE_LOSS = 0.05  # efficiency a step may give up to keep more requests on track for their SLO
@@ -162,8 +177,8 @@ def _efficiencies(t, e):
     return t, [x / (y if y > 1e-12 else 1e-12) for x, y in zip(e, t, strict=True)]  # max(y, 1e-12)
 
 
-def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool,
-           rescue_loss: float = RESCUE_LOSS) -> tuple[int, dict[int, float]]:
+def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool, rescue_loss: float = RESCUE_LOSS,
+           partial: bool = False, rescue_e=None) -> tuple[int, dict[int, float]]:
     """Index of the chosen candidate (t, e: step times and expected tokens, any shape, read flat;
     tokens_of(i): candidate i's expected tokens per request), and the SLO checks made, by index.
 
@@ -171,6 +186,12 @@ def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool,
     `rescue_loss` less efficient keeps on track (and at most k / population less, when it saves k):
     then the most efficient such one. Only candidates within `rescue_loss` of the best can be
     chosen, so only they are checked against the SLOs (the plan weighs ~300 at batch 32).
+    partial: a candidate that keeps some of those requests on track, not all, may rescue them too,
+    if it puts no request over that the best keeps on track (at most k / population less efficient
+    when it saves k, capped at `rescue_loss`); the one that leaves the fewest over, the most
+    efficient of those. rescue_e: the candidates' tokens as the
+    rescue judges them, where `e` has ruled some out of the efficiency choice (a uniform plan's
+    grid: only one depth for all may be chosen for efficiency; every cell may rescue).
     Ties go to the first candidate (argmax, and the index of a list's max, are the first)."""
     t, eff = _efficiencies(t, e)
     small = isinstance(eff, list)
@@ -182,6 +203,11 @@ def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool,
     if margin <= 0:  # every request on track: all are savable, so this is best's whole check
         return best, {best: margin}
     cut = (1 - rescue_loss) * eff[best]
+    if rescue_e is not None:  # best stays the efficiency choice; the rescue may take any cell
+        best_eff = eff[best]
+        t, eff = _efficiencies(t if small else np.asarray(t), rescue_e)
+        eff[best] = best_eff
+        small = isinstance(eff, list)
     near = [i for i, x in enumerate(eff) if x >= cut] if small else np.flatnonzero(eff >= cut).tolist()
     if len(near) * len(tokens) > SMALL_SLO:
         v = slo.worst(np.asarray(t)[near], _token_rows(tokens_of, near)).tolist()
@@ -191,6 +217,15 @@ def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool,
     over = checks[best]
     if over <= 0:
         return best, checks
+    if partial:  # the fewest over, then the most efficient, of those that put no one else over
+        off = slo.off_track(np.asarray(t)[near], _token_rows(tokens_of, near))
+        mine = off[near.index(best)]
+        left = off.sum(1)
+        fair = ~(off & ~mine).any(1)
+        saved = int(mine.sum()) - left
+        rescues = [(n, -eff[i], i) for i, ok, k, n in zip(near, fair, saved, left, strict=True)
+                   if ok and k > 0 and eff[i] >= (1 - min(k / slo.population, rescue_loss)) * eff[best]]
+        return (min(rescues)[2] if rescues else best), checks
     floor = (1 - min(over / slo.population, rescue_loss)) * eff[best]
     rescues = [i for i in near if checks[i] <= 0 and eff[i] >= floor]
     return (max(rescues, key=eff.__getitem__) if rescues else best), checks

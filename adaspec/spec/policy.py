@@ -135,7 +135,8 @@ class StaticK(Policy):
 
 POLICY_NAMES = ["none", "static:K", "threshold", "smartspec", "adaspec", "adaspec-drafter",
                 "adaspec-noslo", "adaspec-always", "adaspec-tpot", "adaspec-meantpot", "adaspec-everystep",
-                "adaspec-late", "adaspec-uniformreuse", "adaspec-uniform", "adaspec-steady"]
+                "adaspec-late", "adaspec-uniformreuse", "adaspec-uniform", "adaspec-steady", "adaspec-ragged",
+                "adaspec-strict"]
 
 
 def make_policy(spec: str | Policy, num_speculative_tokens: int, cost_model=None) -> Policy:
