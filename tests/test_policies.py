@@ -910,6 +910,22 @@ def test_closed_loop_benchmark_smoke(tiny_pair, tmp_path, monkeypatch):
     assert "## SLO attainment at multiples of the SLO" in md
 
 
+def test_attainment_by_acceptance_groups_prompts_by_the_reference_policy():
+    """Prompts fall into fifths of their accepted tokens per step under the reference policy, per
+    concurrency (the other policies' own acceptance does not move a prompt)."""
+    from conftest import load_benchmark
+
+    groups = load_benchmark("attainment_by_acceptance").groups
+    recs = [{"policy": "static:5", "concurrency": 4, "prompt": p, "accepted": 10 * p, "steps": 10}
+            for p in range(10)]
+    recs += [{"policy": "adaspec", "concurrency": 4, "prompt": p, "accepted": 100 - 10 * p, "steps": 10}
+             for p in range(10)]
+    recs.append({"policy": "static:5", "concurrency": 8, "prompt": 3, "accepted": 0, "steps": 0})
+    g = groups(recs, "static:5")
+    assert [g[4, p] for p in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert (8, 3) not in g  # no verification step: no rate
+
+
 def test_plan_counterfactual_alternates_adaspec_and_a_fixed_depth(tiny_pair, tmp_path):
     """Every other decode step runs static:k's plan (depth k for all); each step records the grid's
     predictions for both plans and what it measured."""
