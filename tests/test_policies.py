@@ -926,6 +926,27 @@ def test_attainment_by_acceptance_groups_prompts_by_the_reference_policy():
     assert (8, 3) not in g  # no verification step: no rate
 
 
+def test_sim_grid_compare_takes_the_best_baseline_per_cell():
+    """Per cell the lowest baseline TPOT and the highest attainment, from the reference grid;
+    baselines in the compared grid are skipped; a cell with no baseline is an error."""
+    from conftest import load_benchmark
+
+    compare = load_benchmark("sim_grid_compare").compare
+
+    def cell(tpot, att):
+        return {"tpot_mean": tpot, "attainment": att}
+
+    ref = {"p|t|0.3|none": cell(20.0, 1.0), "p|t|0.3|static:3": cell(10.0, 0.9),
+           "p|t|0.6|static:3": cell(12.0, 0.8)}
+    rows = compare(ref, {"p|t|0.3|adaspec": cell(8.0, 0.95), "p|t|0.6|adaspec": cell(15.0, 0.85),
+                         "p|t|0.3|none": cell(1.0, 1.0)})
+    assert len(rows) == 1 and rows[0]["policy"] == "adaspec"
+    assert rows[0]["gain"] == pytest.approx([10 / 8 - 1, 12 / 15 - 1])
+    assert rows[0]["attainment"] == pytest.approx([-0.05, 0.05])
+    with pytest.raises(ValueError, match="p|t|0.9"):
+        compare(ref, {"p|t|0.9|adaspec": cell(1.0, 1.0)})
+
+
 def test_plan_counterfactual_alternates_adaspec_and_a_fixed_depth(tiny_pair, tmp_path):
     """Every other decode step runs static:k's plan (depth k for all); each step records the grid's
     predictions for both plans and what it measured."""
