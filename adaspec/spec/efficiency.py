@@ -189,9 +189,9 @@ def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool, rescue_loss: float =
     partial: a candidate that keeps some of those requests on track, not all, may rescue them too,
     if it puts no request over that the best keeps on track (at most k / population less efficient
     when it saves k, capped at `rescue_loss`); the one that leaves the fewest over, the most
-    efficient of those. rescue_e: the candidates' tokens as the
-    rescue judges them, where `e` has ruled some out of the efficiency choice (a uniform plan's
-    grid: only one depth for all may be chosen for efficiency; every cell may rescue).
+    efficient of those. rescue_e: the candidates' tokens as the rescue judges them, where `e` has
+    ruled some out of the efficiency choice (a uniform plan's grid: only one depth for all may be
+    chosen for efficiency; every cell may rescue).
     Ties go to the first candidate (argmax, and the index of a list's max, are the first)."""
     t, eff = _efficiencies(t, e)
     small = isinstance(eff, list)
