@@ -174,8 +174,8 @@ def test_choose_in_plain_python_matches_numpy(monkeypatch):
                 T, E = np.ones(np.shape(T)), np.round(np.asarray(E), 1)
             if slo.active:  # the rescue's per-request view agrees with the counts of `worst`
                 rows = efficiency._token_rows(tokens_of, list(range(np.size(T))))
-                counts = slo.worst(np.ravel(T), rows)
-                assert slo.off_track(np.ravel(T), rows).sum(1).tolist() == np.maximum(counts, 0).tolist()
+                counts, off = slo.judge(np.ravel(T), rows)
+                assert off.sum(1).tolist() == np.maximum(counts, 0).tolist()
             for aware, partial in ((False, False), (True, False), (True, True)):
                 loss = rng.choice([efficiency.RESCUE_LOSS, 0.3])
                 monkeypatch.setattr(efficiency, "SMALL_CHOICE", 10**9)

@@ -445,7 +445,8 @@ def test_a_partial_rescue_saves_some_requests_when_no_candidate_saves_all():
     off = {0: [1, 1, 1, 0], 1: [1, 1, 0, 0], 2: [1, 0, 0, 0], 3: [0, 0, 1, 1]}  # requests over, per candidate
     slo = SimpleNamespace(active=True, population=10, worst_cells=lambda t, e: [sum(off[x[0]]) for x in e],
                           excess=lambda t, e: [float(sum(off[e[0]]))],
-                          off_track=lambda t, e: np.array([off[int(x[0])] for x in e], dtype=bool))
+                          judge=lambda t, e: (np.array([float(sum(off[int(x[0])])) for x in e]),
+                                              np.array([off[int(x[0])] for x in e], dtype=bool)))
 
     def pick(e, partial=True, rescue_e=None, loss=0.05):
         return choose([1.0] * len(e), e, lambda i: [i], slo, True, loss, partial, rescue_e)[0]

@@ -129,19 +129,19 @@ class SLOState:
         requests that some candidate keeps on track (one that none can is late whatever we choose,
         and must not steer the choice): when all of those are on track, the worst margin (<= 0;
         -1 if there are none); otherwise how many of them are over their SLO (>= 1)."""
+        return self.judge(t, e)[0]
+
+    def judge(self, t: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`worst` per candidate, and from the same excesses which requests each candidate leaves
+        off track ([..., requests], only the requests some candidate keeps on track; a partial
+        rescue in `choose` needs both)."""
         if not self.active:
-            return np.full(np.shape(t), -1.0)
+            return np.full(np.shape(t), -1.0), np.zeros((*np.shape(t), 0), dtype=bool)
         over = self._savable_excess(t, e)
         if over is None:
-            return np.full(np.shape(t), -1.0)
+            return np.full(np.shape(t), -1.0), np.zeros((*np.shape(t), 0), dtype=bool)
         v = over.max(-1)
-        return np.where(v > 0, (over > 0).sum(-1).astype(float), v)
-
-    def off_track(self, t: np.ndarray, e: np.ndarray) -> np.ndarray:
-        """[len(t), requests] which requests that some of these candidates keep on track each
-        candidate leaves off track (requests that none can are left out: no column)."""
-        over = self._savable_excess(np.asarray(t, dtype=float), e)
-        return np.zeros((len(t), 0), dtype=bool) if over is None else over > 0
+        return np.where(v > 0, (over > 0).sum(-1).astype(float), v), over > 0
 
     def _savable_excess(self, t: np.ndarray, e: np.ndarray) -> np.ndarray | None:
         """`excess` for every candidate, only of the requests that some candidate keeps on track
@@ -209,7 +209,11 @@ def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool, rescue_loss: float =
         eff[best] = best_eff
         small = isinstance(eff, list)
     near = [i for i, x in enumerate(eff) if x >= cut] if small else np.flatnonzero(eff >= cut).tolist()
-    if len(near) * len(tokens) > SMALL_SLO:
+    off = None
+    if partial:  # the rescue below reads who is off track: one pass gives both
+        v, off = slo.judge(np.asarray(t)[near], _token_rows(tokens_of, near))
+        v = v.tolist()
+    elif len(near) * len(tokens) > SMALL_SLO:
         v = slo.worst(np.asarray(t)[near], _token_rows(tokens_of, near)).tolist()
     else:
         v = slo.worst_cells([float(t[i]) for i in near], [tokens_of(i) for i in near])
@@ -217,8 +221,7 @@ def choose(t, e, tokens_of, slo: SLOState, slo_aware: bool, rescue_loss: float =
     over = checks[best]
     if over <= 0:
         return best, checks
-    if partial:  # the fewest over, then the most efficient, of those that put no one else over
-        off = slo.off_track(np.asarray(t)[near], _token_rows(tokens_of, near))
+    if off is not None:  # the fewest over, then the most efficient, of those that put no one else over
         mine = off[near.index(best)]
         left = off.sum(1)
         fair = ~(off & ~mine).any(1)
