@@ -1,6 +1,7 @@
 """Where a run's engine time went, from its telemetry: totals of decode and prefill steps and of the
 gaps between steps, tokens per ms of decode step, row-steps, the time-weighted batch; then, at
-batches of at least --min-batch, the mean decode step by its deepest draft (verify, draft, outside).
+batches of at least --min-batch, the mean decode step by its deepest draft (verify, draft, outside);
+then, by batch size, tokens per ms of decode step and the wait before the next step (`by_batch`).
 
     python benchmarks/policies_closed_loop.py --policies static:3,adaspec --concurrency 16 \\
         --requests-per-level 96 --export-telemetry runs/c16-tel --out runs/c16-tel
@@ -58,6 +59,42 @@ def by_depth(records: list[dict], min_batch: int) -> dict[int, dict]:
     return out
 
 
+BATCH_EDGES = (1, 2, 4, 8, 16, 32)  # lower edges of the batch-size groups of `by_batch`
+
+
+def by_batch(records: list[dict], edges: tuple[int, ...] = BATCH_EDGES) -> dict[str, dict]:
+    """Decode steps by batch size (groups from each lower edge to the next): steps, seconds, tokens
+    per ms of decode step, drafts per row, and the mean wait before the next decode step when no
+    prefill came between them (the engine loop and the policy's `observe`, which run outside the
+    step). A run's tokens per ms is a mix over batch sizes: a policy that serves each batch size
+    less efficiently builds bigger batches, which serve more tokens per ms, so whole-run totals can
+    tie while every group loses (session 22, the code trace)."""
+    recs = sorted(records, key=lambda r: r["start"])
+    groups: dict[int, list] = defaultdict(lambda: [0, 0.0, 0, 0.0, 0.0, 0])
+    for k, r in enumerate(recs):
+        if r["kind"] != "decode":
+            continue
+        n = len(r["request_ids"])
+        g = groups[max((e for e in edges if e <= n), default=edges[0])]
+        g[0] += 1
+        g[1] += r["step_time"]
+        g[2] += sum(r["accepted"]) + n
+        g[3] += sum(r["drafted"]) / n if n else 0.0
+        nxt = recs[k + 1] if k + 1 < len(recs) else None
+        if nxt is not None and nxt["kind"] == "decode":
+            g[4] += nxt["start"] - r["start"] - r["step_time"]
+            g[5] += 1
+    out = {}
+    for lo in sorted(groups):
+        steps, secs, tokens, drafts, wait, waits = groups[lo]
+        hi = next((e - 1 for e in edges if e > lo), None)
+        label = f"{lo}" if hi == lo else f"{lo}-{hi}" if hi else f"{lo}+"
+        out[label] = {"steps": steps, "decode_s": secs,
+                      "tokens_per_ms": tokens / secs / 1e3 if secs else None,
+                      "drafts_per_row": drafts / steps, "wait_ms": 1e3 * wait / waits if waits else None}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("telemetry", nargs="+", type=Path)
@@ -67,8 +104,8 @@ def main(argv=None) -> int:
     out = {}
     for path in a.telemetry:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        t, d = totals(records), by_depth(records, a.min_batch)
-        out[str(path)] = {"totals": t, "by_depth": d}
+        t, d, b = totals(records), by_depth(records, a.min_batch), by_batch(records)
+        out[str(path)] = {"totals": t, "by_depth": d, "by_batch": b}
         print(f"{path.name}: decode {t['decode_s']:.2f} s ({t['decode_steps']} steps, outside the forwards "
               f"{t['outside_s']:.2f} s), prefill {t['prefill_s']:.2f} s, gaps {t['gaps_s']:.2f} s; "
               f"{t['tokens']} tokens, {t['tokens_per_ms']:.3f} per ms of decode step, {t['row_steps']} "
@@ -77,6 +114,11 @@ def main(argv=None) -> int:
             print(f"   batch >= {a.min_batch}, depth {depth}: {c['steps']} steps, step {c['step_ms']:.2f} ms "
                   f"(verify {c['verify_ms']:.2f}, draft {c['draft_ms']:.2f}, outside {c['outside_ms']:.2f}), "
                   f"{c['tokens']:.1f} tokens")
+        for label, c in b.items():
+            wait = "-" if c["wait_ms"] is None else f"{c['wait_ms']:.2f} ms"
+            print(f"   batch {label}: {c['steps']} steps, {c['decode_s']:.2f} s, {c['tokens_per_ms']:.3f} "
+                  f"tokens per ms of decode step, {c['drafts_per_row']:.2f} drafts a row, wait before the "
+                  f"next {wait}")
     if a.out:
         Path(f"{a.out}.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -507,6 +507,14 @@ def test_telemetry_totals_adds_up_a_runs_time_and_tokens(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in recs))
     assert mod.main([str(path), "--min-batch", "1", "--out", str(tmp_path / "o")]) == 0
     assert set(json.loads((tmp_path / "o.json").read_text())[str(path)]["by_depth"]) == {"0", "3"}
+    b = mod.by_batch(recs)  # the batch-2 step waits 2 ms for the batch-1 step; the last waits for none
+    assert set(b) == {"1", "2-3"} and b["2-3"]["steps"] == 1 and b["1"]["steps"] == 1
+    assert b["2-3"]["tokens_per_ms"] == pytest.approx(6 / 20)
+    assert b["1"]["tokens_per_ms"] == pytest.approx(1 / 10)
+    assert b["2-3"]["drafts_per_row"] == 3 and b["2-3"]["wait_ms"] == pytest.approx(2.0)
+    assert b["1"]["wait_ms"] is None
+    wide = mod.by_batch([rec("decode", 0.0, 0.010, 40)])
+    assert list(wide) == ["32+"]
 
 
 def test_lookahead_bias_counts_what_each_depth_accepted(tmp_path):
