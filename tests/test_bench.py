@@ -545,6 +545,29 @@ def test_lookahead_bias_counts_what_each_depth_accepted(tmp_path):
     assert mod.main([str(path), "--weights", "4"]) == 0
 
 
+def test_lookahead_by_prediction_shows_shrinkage_across_requests(tmp_path):
+    """Requests of two kinds for life, one accepting every draft, one none: the look-ahead, shrunk
+    to the global rate, predicts the bad ones high and the good ones low, the more so the heavier
+    the prior weight; groups are equal fifths ordered by the prediction."""
+    from conftest import load_benchmark
+
+    mod = load_benchmark("lookahead_bias")
+    recs = []
+    for t in range(200):
+        ids = [f"g{t // 20}", f"b{t // 20}"]
+        recs.append({"kind": "decode", "request_ids": ids, "confidences": [[0.5] * 4] * 2,
+                     "accepted": [4, 0]})
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    light, heavy = mod.by_prediction(str(path), 4.0), mod.by_prediction(str(path), 32.0)
+    assert [g["group"] for g in light] == [1, 2, 3, 4, 5] and sum(g["request_steps"] for g in light) == 400
+    assert [g["predicted"] for g in light] == sorted(g["predicted"] for g in light)
+    assert light[0]["ratio"] < 1 < light[-1]["ratio"]
+    # the bad requests accept nothing (ratio 0 at any weight): the heavier prior predicts them higher
+    assert heavy[0]["predicted"] > light[0]["predicted"] and heavy[-1]["ratio"] > light[-1]["ratio"]
+    assert mod.main([str(path), "--weights", "4", "--by-prediction"]) == 0
+
+
 def test_draft_price_by_depth_groups_predictions_by_batch_and_depth():
     from conftest import load_benchmark
 

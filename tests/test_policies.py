@@ -1179,3 +1179,20 @@ def test_look_ahead_positions_without_evidence_are_explored():
     batch = BatchView([request("c", cap=2, output_tokens=10), request("d", cap=2, output_tokens=10)], 8)
     assert max(drive(pol, batch, lambda i, j: 0.6)[1]) <= 1  # never past position 0
     assert "explore" not in {p["phase"] for p in pol.log._current["phases"]}
+
+
+def test_a_variant_registered_from_the_command_line_is_built_by_name(monkeypatch):
+    """`AdaSpecPolicy.register_variant("NAME=JSON")` (sim_paper_grid's --variant): make_policy then
+    builds NAME with those keyword arguments; bad specs are refused with the field named."""
+    monkeypatch.setattr(AdaSpecPolicy, "VARIANTS", dict(AdaSpecPolicy.VARIANTS))  # the registry is shared
+    cost = CostModel.linear(draft_step=0.5 * MS, verify_step=10 * MS)
+    spec = 'adaspec-rl20={"rescue_loss": 0.2, "uniform_from": 4}'
+    assert AdaSpecPolicy.register_variant(spec) == "adaspec-rl20"
+    pol = make_policy("adaspec-rl20", 8, cost)
+    assert pol.name == "adaspec-rl20" and pol.rescue_loss == 0.2 and pol.uniform_from == 4
+    assert make_policy("adaspec", 8, cost).rescue_loss != 0.2
+    for spec, field in [('rl={"rescue_loss": 0.2}', "NAME"), ("adaspec-x=", "JSON"),
+                        ('adaspec-x=[1]', "JSON object"), ('adaspec-x={"rescue_los": 1}', "rescue_los"),
+                        ('adaspec-rl20={"rescue_loss": 0.3}', "exists")]:
+        with pytest.raises(ValueError, match=field):
+            AdaSpecPolicy.register_variant(spec)

@@ -51,6 +51,9 @@ request alike (the first version of the rule, c38eafc).
 
 from __future__ import annotations
 
+import inspect
+import json
+
 import numpy as np
 
 from adaspec.spec.acceptance import RANK_WEIGHTS, AcceptanceModel
@@ -152,6 +155,29 @@ class AdaSpecPolicy(ControlledPolicy):
     @classmethod
     def variant(cls, name: str, cost_model: CostModel | None = None) -> AdaSpecPolicy:
         return cls(cost_model, name=name, **cls.VARIANTS[name])
+
+    @classmethod
+    def register_variant(cls, spec: str) -> str:
+        """Add a variant from `NAME=JSON` (`adaspec-rl20={"rescue_loss": 0.2}`): `make_policy` then
+        builds it by name, so a study can weigh a parameter without a code change. Returns NAME."""
+        name, sep, kwargs = spec.partition("=")
+        name = name.strip()
+        if not sep or not name.startswith("adaspec-"):
+            raise ValueError(f"variant must be NAME=JSON with NAME starting 'adaspec-', got {spec!r}")
+        if name in cls.VARIANTS:
+            raise ValueError(f"variant {name!r} exists already")
+        try:
+            params = json.loads(kwargs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"variant {name!r}: its keyword arguments are not JSON ({e})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"variant {name!r}: keyword arguments must be a JSON object, got {kwargs!r}")
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "cost_model", "acceptance", "name"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"variant {name!r}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+        cls.VARIANTS[name] = params
+        return name
 
     # ------------------------------------------------------------------------------ helpers
 
