@@ -19,10 +19,23 @@ what the look-ahead predicted instead (its calibration across requests; `by_pred
 from __future__ import annotations
 
 import argparse
+import itertools
+import operator
 import sys
 from collections import Counter, defaultdict
 
 from adaspec.spec.acceptance import AcceptanceModel, prequential, steps_from_jsonl
+
+
+def request_steps(path: str, weight: float):
+    """Each request-step of the file that verified drafts: its drafts' confidences, the drafts it
+    accepted, and the look-ahead (`unseen_table` at `weight`) from the model as it stood before."""
+    model = AcceptanceModel()
+    for ids, confs, acc in prequential(steps_from_jsonl(path), model):
+        k = max((len(c) for c in confs), default=0)
+        if k:
+            yield from ((c, a, row) for c, a, row in zip(confs, acc, model.unseen_table(ids, k, weight),
+                                                          strict=True) if c)
 
 
 def bias_by_depth(path: str, weight: float) -> dict[int, dict]:
@@ -30,19 +43,12 @@ def bias_by_depth(path: str, weight: float) -> dict[int, dict]:
     pred: dict[int, float] = defaultdict(float)
     real: dict[int, float] = defaultdict(float)
     count: Counter = Counter()
-    model = AcceptanceModel()
-    for ids, confs, acc in prequential(steps_from_jsonl(path), model):
-        k = max((len(c) for c in confs), default=0)
-        if not k:
-            continue
-        for c, a, row in zip(confs, acc, model.unseen_table(ids, k, weight), strict=True):
-            prefix, expected = 1.0, 0.0
-            for n in range(1, len(c) + 1):
-                prefix *= row[n - 1]
-                expected += prefix
-                pred[n] += expected
-                real[n] += min(int(a), n)
-                count[n] += 1
+    for c, a, row in request_steps(path, weight):
+        prefixes = itertools.accumulate(row[:len(c)], operator.mul)  # P(first n accepted)
+        for n, expected in enumerate(itertools.accumulate(prefixes), 1):
+            pred[n] += expected
+            real[n] += min(int(a), n)
+            count[n] += 1
     return {n: {"request_steps": count[n], "predicted": pred[n] / count[n], "accepted": real[n] / count[n],
                 "ratio": real[n] / pred[n] if pred[n] else float("nan")} for n in sorted(count)}
 
@@ -56,19 +62,9 @@ def by_prediction(path: str, weight: float, groups: int = 5) -> list[dict]:
     acceptance). Grouping by the prediction, not by each request's realized rate, keeps the
     outcome being scored out of the grouping."""
     rows = []  # (predicted per draft, predicted, accepted)
-    model = AcceptanceModel()
-    for ids, confs, acc in prequential(steps_from_jsonl(path), model):
-        k = max((len(c) for c in confs), default=0)
-        if not k:
-            continue
-        for c, a, row in zip(confs, acc, model.unseen_table(ids, k, weight), strict=True):
-            if not c:
-                continue
-            prefix, expected = 1.0, 0.0
-            for p in row[:len(c)]:
-                prefix *= p
-                expected += prefix
-            rows.append((expected / len(c), expected, min(int(a), len(c))))
+    for c, a, row in request_steps(path, weight):
+        expected = sum(itertools.accumulate(row[:len(c)], operator.mul))
+        rows.append((expected / len(c), expected, min(int(a), len(c))))
     rows.sort()
     out = []
     for g in range(groups):
