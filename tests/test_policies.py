@@ -1191,6 +1191,7 @@ def test_a_variant_registered_from_the_command_line_is_built_by_name(monkeypatch
     pol = make_policy("adaspec-rl20", 8, cost)
     assert pol.name == "adaspec-rl20" and pol.rescue_loss == 0.2 and pol.uniform_from == 4
     assert make_policy("adaspec", 8, cost).rescue_loss != 0.2
+    assert AdaSpecPolicy.register_variant(spec) == "adaspec-rl20"  # the same again: harmless
     for spec, field in [('rl={"rescue_loss": 0.2}', "NAME"), ("adaspec-x=", "JSON"),
                         ('adaspec-x=[1]', "JSON object"), ('adaspec-x={"rescue_los": 1}', "rescue_los"),
                         ('adaspec-rl20={"rescue_loss": 0.3}', "exists")]:

@@ -195,6 +195,26 @@ def test_cli_simulate_writes_the_bench_report(tmp_path):
     assert main(["simulate", "--cost-model", str(tmp_path / "none.json"), "--output-dir", str(out)]) == 2
 
 
+def test_cli_simulate_runs_a_variant_given_on_the_command_line(tmp_path, monkeypatch):
+    """--variant NAME=JSON: an adaspec variant of existing parameters, recorded with the report; a
+    bad one is refused before anything runs (exit 2)."""
+    from adaspec.cli import main
+    from adaspec.spec.adaspec_policy import AdaSpecPolicy
+
+    monkeypatch.setattr(AdaSpecPolicy, "VARIANTS", dict(AdaSpecPolicy.VARIANTS))
+    out = tmp_path / "sim"
+    common = ["simulate", "--prompts", "synthetic:8", "--arrivals", "poisson:5", "--num-requests", "8",
+              "--output-len", "fixed:16", "--slo-tpot-ms", "30", "--no-oracle", "--quiet",
+              "--cost-model", "analytic:L40:vicuna-7b/vicuna-68m", "--output-dir", str(out)]
+    variant = 'adaspec-nv={"verifier": false}'
+    assert main([*common, "--policies", "adaspec,adaspec-nv", "--variant", variant]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["policy"] for r in summary["runs"]] == ["adaspec", "adaspec-nv"]
+    assert all(r["completed"] == 8 for r in summary["runs"])
+    assert summary["meta"]["simulation"]["variants"] == {"adaspec-nv": {"verifier": False}}
+    assert main([*common, "--policies", "adaspec", "--variant", 'adaspec-x={"verifer": false}']) == 2
+
+
 def test_workload_through_simulator_records_every_request():
     wl = build_workload("synthetic:8", arrivals="gamma:20:3", num_requests=20, output_len="sampled:16")
     cm = pair_cost_model("L40", "vicuna-7b/vicuna-68m")

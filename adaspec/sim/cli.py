@@ -70,6 +70,9 @@ def add_parser(sub) -> None:
 
 def add_model_args(s: argparse.ArgumentParser) -> None:
     """What is simulated: cost model, acceptance model and the engine's limits."""
+    s.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help="an adaspec variant to name in --policies: AdaSpecPolicy keyword arguments as JSON, "
+                        "e.g. 'adaspec-rl20={\"rescue_loss\": 0.2}' (repeatable)")
     s.add_argument("--cost-model", default="analytic:A100-80GB:vicuna-7b/vicuna-68m",
                    help="analytic:GPU:PAIR[:TP] (GPU: A100-80GB, L40, H100, H200; PAIR: "
                         "vicuna-7b/vicuna-68m, vicuna-33b/vicuna-160m, llama-3.3-70b/llama-3.2-1b), "
@@ -113,7 +116,9 @@ def setup(a: argparse.Namespace, slo_policy: str):
     from adaspec.sim.fitted import FittedCostModel
     from adaspec.sim.hardware import resolve_cost_model
     from adaspec.sim.simulator import SimConfig, Simulator
+    from adaspec.spec.adaspec_policy import AdaSpecPolicy
 
+    variants = {name: AdaSpecPolicy.VARIANTS[name] for name in map(AdaSpecPolicy.register_variant, a.variant)}
     if a.mode != "open":
         raise ValueError(f"{a.command} replays arrivals (open loop) only")
     if a.temperature:
@@ -141,6 +146,8 @@ def setup(a: argparse.Namespace, slo_policy: str):
                 "acceptance": acc.describe(), "config": {k: v for k, v in vars(cfg).items()},
                 "prompt_tokens": f"characters / {a.chars_per_token}, cut to {cfg.max_prompt_tokens} and to "
                                  "max_model_len - max_tokens"}
+    if variants:
+        sim_meta["variants"] = variants
     if isinstance(truth, FittedCostModel):  # keep the fitted coefficients with the report
         sim_meta["cost_model_fit"] = truth.to_dict()
     return truth, believed, acc, wl, cfg, sim, slo_note, sim_meta

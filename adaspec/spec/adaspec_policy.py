@@ -159,17 +159,20 @@ class AdaSpecPolicy(ControlledPolicy):
     @classmethod
     def register_variant(cls, spec: str) -> str:
         """Add a variant from `NAME=JSON` (`adaspec-rl20={"rescue_loss": 0.2}`): `make_policy` then
-        builds it by name, so a study can weigh a parameter without a code change. Returns NAME."""
+        builds it by name, so a study can weigh a parameter without a code change (`adaspec simulate
+        --variant`, `sim_paper_grid.py --variant`). Returns NAME."""
         name, sep, kwargs = spec.partition("=")
         name = name.strip()
         if not sep or not name.startswith("adaspec-"):
             raise ValueError(f"variant must be NAME=JSON with NAME starting 'adaspec-', got {spec!r}")
-        if name in cls.VARIANTS:
-            raise ValueError(f"variant {name!r} exists already")
         try:
             params = json.loads(kwargs)
         except json.JSONDecodeError as e:
             raise ValueError(f"variant {name!r}: its keyword arguments are not JSON ({e})") from None
+        if name in cls.VARIANTS:  # the same again is harmless (a second run in one process)
+            if cls.VARIANTS[name] == params:
+                return name
+            raise ValueError(f"variant {name!r} exists already, as {cls.VARIANTS[name]}")
         if not isinstance(params, dict):
             raise ValueError(f"variant {name!r}: keyword arguments must be a JSON object, got {kwargs!r}")
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "cost_model", "acceptance", "name"}
