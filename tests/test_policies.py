@@ -1194,6 +1194,8 @@ def test_a_variant_registered_from_the_command_line_is_built_by_name(monkeypatch
     assert AdaSpecPolicy.register_variant(spec) == "adaspec-rl20"  # the same again: harmless
     for spec, field in [('rl={"rescue_loss": 0.2}', "NAME"), ("adaspec-x=", "JSON"),
                         ('adaspec-x=[1]', "JSON object"), ('adaspec-x={"rescue_los": 1}', "rescue_los"),
-                        ('adaspec-rl20={"rescue_loss": 0.3}', "exists")]:
+                        ('adaspec-rl20={"rescue_loss": 0.3}', "exists"),
+                        ('adaspec-y={"rescue_loss": "0.2"}', "rescue_loss must be a number"),
+                        ('adaspec-y={"verifier": 0}', "verifier must be true or false")]:
         with pytest.raises(ValueError, match=field):
             AdaSpecPolicy.register_variant(spec)

@@ -175,10 +175,20 @@ class AdaSpecPolicy(ControlledPolicy):
             raise ValueError(f"variant {name!r} exists already, as {cls.VARIANTS[name]}")
         if not isinstance(params, dict):
             raise ValueError(f"variant {name!r}: keyword arguments must be a JSON object, got {kwargs!r}")
-        known = set(inspect.signature(cls.__init__).parameters) - {"self", "cost_model", "acceptance", "name"}
-        unknown = sorted(set(params) - known)
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if k not in ("self", "cost_model", "acceptance", "name")}
+        unknown = sorted(set(params) - set(defaults))
         if unknown:
-            raise ValueError(f"variant {name!r}: unknown parameter(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"variant {name!r}: unknown parameter(s) {unknown}; known: {sorted(defaults)}")
+        for key, value in params.items():  # a flag takes true/false, a number a number (None where it may)
+            default = defaults[key]
+            flag = isinstance(default, bool)
+            ok = isinstance(value, bool) if flag else (
+                (value is None and default is None)
+                or (isinstance(value, int | float) and not isinstance(value, bool)))
+            if not ok:
+                want = "true or false" if flag else "a number"
+                raise ValueError(f"variant {name!r}: {key} must be {want}, got {value!r}")
         cls.VARIANTS[name] = params
         return name
 
