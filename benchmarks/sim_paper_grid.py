@@ -38,6 +38,7 @@ from adaspec.bench.metrics import summarize  # noqa: E402
 from adaspec.bench.report import git_commit  # noqa: E402
 from adaspec.bench.workload import BenchRequest, build_workload  # noqa: E402
 from adaspec.sim.acceptance_sim import AcceptanceSpec  # noqa: E402
+from adaspec.sim.cli import add_variant_arg  # noqa: E402
 from adaspec.sim.cluster import (  # noqa: E402
     CapacityPoint,
     capacity_curve,
@@ -63,9 +64,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--gpu", default="A100-80GB", choices=list(HARDWARE))
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--policies", default=POLICIES)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
-                    help="an adaspec variant to name in --policies: keyword arguments of AdaSpecPolicy as "
-                         "JSON, e.g. 'adaspec-rl20={\"rescue_loss\": 0.2}' (repeatable)")
+    add_variant_arg(ap)
     ap.add_argument("--acceptance", default="synthetic:0.7")
     ap.add_argument("--loads", default="0.3,0.6,0.9,1.2", help="mean offered rate, x the pair's R_sat")
     ap.add_argument("--window", type=float, default=60.0, help="simulated seconds of arrivals per cell")
@@ -447,7 +446,7 @@ def verdict(comp: list[dict]) -> str:
 def main() -> int:
     torch.set_num_threads(1)
     a = parse()
-    variants = [AdaSpecPolicy.register_variant(spec) for spec in a.variant]
+    variants = AdaSpecPolicy.register_variants(a.variant)
     out = Path(a.out)
     jpath = out.with_suffix(".json")
     data = json.loads(jpath.read_text()) if (a.resume or a.doc_only) and jpath.exists() else None
@@ -463,7 +462,7 @@ def main() -> int:
             "acceptance": a.acceptance, "acceptance_desc": acc.describe(), "prompts": a.prompts,
             "output_len": a.output_len, "max_num_seqs": a.max_num_seqs, "K": a.num_speculative_tokens,
             "policies": a.policies.split(","),
-            "variants": {n: AdaSpecPolicy.VARIANTS[n] for n in variants},
+            "variants": variants,
             "slo_factor": a.slo_factor, "slo_requests": a.slo_requests,
             "sat_requests": a.sat_requests, "window": a.window, "loads": a.loads}
     if data is None:

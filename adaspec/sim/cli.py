@@ -68,11 +68,16 @@ def add_parser(sub) -> None:
     p.set_defaults(fn=cmd_profile)
 
 
-def add_model_args(s: argparse.ArgumentParser) -> None:
-    """What is simulated: cost model, acceptance model and the engine's limits."""
+def add_variant_arg(s: argparse.ArgumentParser) -> None:
+    """--variant NAME=JSON (`AdaSpecPolicy.register_variant`), for every command that names policies."""
     s.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                    help="an adaspec variant to name in --policies: AdaSpecPolicy keyword arguments as JSON, "
                         "e.g. 'adaspec-rl20={\"rescue_loss\": 0.2}' (repeatable)")
+
+
+def add_model_args(s: argparse.ArgumentParser) -> None:
+    """What is simulated: cost model, acceptance model and the engine's limits."""
+    add_variant_arg(s)
     s.add_argument("--cost-model", default="analytic:A100-80GB:vicuna-7b/vicuna-68m",
                    help="analytic:GPU:PAIR[:TP] (GPU: A100-80GB, L40, H100, H200; PAIR: "
                         "vicuna-7b/vicuna-68m, vicuna-33b/vicuna-160m, llama-3.3-70b/llama-3.2-1b), "
@@ -118,7 +123,7 @@ def setup(a: argparse.Namespace, slo_policy: str):
     from adaspec.sim.simulator import SimConfig, Simulator
     from adaspec.spec.adaspec_policy import AdaSpecPolicy
 
-    variants = {name: AdaSpecPolicy.VARIANTS[name] for name in map(AdaSpecPolicy.register_variant, a.variant)}
+    variants = AdaSpecPolicy.register_variants(a.variant)
     if a.mode != "open":
         raise ValueError(f"{a.command} replays arrivals (open loop) only")
     if a.temperature:

@@ -192,6 +192,11 @@ class AdaSpecPolicy(ControlledPolicy):
         cls.VARIANTS[name] = params
         return name
 
+    @classmethod
+    def register_variants(cls, specs: list[str]) -> dict[str, dict]:
+        """`register_variant` of each spec; {name: keyword arguments}, for the run's report."""
+        return {name: cls.VARIANTS[name] for name in map(cls.register_variant, specs)}
+
     # ------------------------------------------------------------------------------ helpers
 
     def _update_probs(self, batch: BatchView) -> None:
